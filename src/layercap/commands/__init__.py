@@ -1,0 +1,1 @@
+"""CLI sub-commands. Each module: ``register(subparsers) -> parser`` and ``main(args) -> int``."""

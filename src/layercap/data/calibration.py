@@ -1,0 +1,123 @@
+"""Calibration windows: ``nsamples`` token windows of ``seqlen`` tokens drawn from text.
+
+Sources (``read_text``):
+  * a text file (.txt, .raw, anything not JSON): used as is;
+  * a JSON list of format-A task records (``instruction`` [+ ``input``] + ``output``) or a JSONL
+    file of format-B records / ``{"text": ...}`` / ``{"context", "choices", "label"}``: each
+    record becomes one paragraph;
+  * a directory: every such file in it, sorted by name, concatenated.
+
+Windows are drawn as in the SparseGPT/Wanda reference code: tokenise the whole text once and
+take ``nsamples`` random start offsets (seeded). If the text has fewer than
+``nsamples * seqlen`` tokens, windows overlap; if it has fewer than ``seqlen`` tokens it is an
+error. The SHA-256 of the window tensor identifies the data in every artefact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layercap.errors import LayercapError
+from layercap.io import sha256_bytes
+
+TEXT_SUFFIXES_SKIPPED = {".md", ".sha256"}
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """``input_ids``: LongTensor (nsamples, seqlen). ``sha256``: hash of the ids (hex)."""
+
+    input_ids: torch.Tensor
+    sha256: str
+    source: str
+    seed: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def batches(self, batch_size: int):
+        """Yield micro-batches (views) of at most ``batch_size`` windows, in order."""
+        for start in range(0, self.input_ids.shape[0], batch_size):
+            yield self.input_ids[start : start + batch_size]
+
+    def shard(self, rank: int, world_size: int) -> "CalibrationSet":
+        """Windows ``rank::world_size`` (data parallelism: every window goes to exactly one rank)."""
+        return CalibrationSet(self.input_ids[rank::world_size], self.sha256, self.source, self.seed)
+
+
+def _record_text(record) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        return json.dumps(record)
+    if "text" in record:
+        return str(record["text"])
+    if "instruction" in record:
+        parts = [record["instruction"], record.get("input") or "", record.get("output") or ""]
+        return "\n".join(p for p in parts if p)
+    if "question" in record and isinstance(record.get("choices"), dict):
+        texts = record["choices"].get("text", [])
+        labels = record["choices"].get("label", [])
+        answer = dict(zip(labels, texts)).get(record.get("answerKey"), "")
+        return f"{record['question']}\n{answer}".strip()
+    if "context" in record and "choices" in record:
+        label = record.get("label")
+        choice = record["choices"][label] if isinstance(label, int) and 0 <= label < len(record["choices"]) else ""
+        return f"{record['context']}{choice}"
+    return " ".join(str(v) for v in record.values() if isinstance(v, str))
+
+
+def read_text(path: str | Path) -> str:
+    """The calibration text of a file or directory (see module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in TEXT_SUFFIXES_SKIPPED)
+        if not files:
+            raise LayercapError(f"calibration directory {path} contains no files.")
+        return "\n\n".join(read_text(f) for f in files)
+    if not path.is_file():
+        raise LayercapError(f"calibration data {str(path)!r} does not exist; pass --data with a text, JSON/JSONL file or a directory.")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise LayercapError(f"{path}: invalid JSON ({exc}).") from exc
+        records = doc if isinstance(doc, list) else [doc]
+        return "\n\n".join(_record_text(r) for r in records)
+    if path.suffix == ".jsonl":
+        records = []
+        for i, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise LayercapError(f"{path}: line {i} is not JSON ({exc}).") from exc
+        return "\n\n".join(_record_text(r) for r in records)
+    return raw.replace("\r\n", "\n")
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """All tokens of ``text`` as a 1-D LongTensor (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_set(tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> CalibrationSet:
+    """``nsamples`` windows of ``seqlen`` tokens from ``path``, seeded (see module docstring)."""
+    if nsamples < 1 or seqlen < 2:
+        raise LayercapError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}.")
+    tokens = tokenize_text(tokenizer, read_text(path))
+    if tokens.numel() < seqlen + 1:
+        raise LayercapError(
+            f"{path} has {tokens.numel()} tokens, fewer than --seqlen {seqlen} + 1; use a larger file or a smaller --seqlen."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
+    windows = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    return CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes()), str(path), seed)
