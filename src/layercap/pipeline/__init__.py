@@ -1,1 +1,19 @@
-"""pipeline"""
+"""The main job, ``layercap run``: model -> scores -> decisions -> pruning -> evaluation -> report.
+
+- config:   typed, validated pipeline config (sections model, data, scoring, allocation, pruning,
+            evaluation, report), the embedded ``default.yaml`` and ``--set`` overrides
+- manifest: ``stages.json``, per-stage input hashes, timings and memory; skip-if-unchanged
+- stages:   one function per stage (the only code calling the library APIs) and the plan
+- run:      ``run_pipeline(config, run_dir) -> RunSummary``
+"""
+
+from layercap.pipeline.config import PipelineConfig, load_config
+
+__all__ = ["PipelineConfig", "load_config", "run_pipeline"]
+
+
+def run_pipeline(config, run_dir, **kwargs):
+    """See :func:`layercap.pipeline.run.run_pipeline` (imported lazily: it pulls in torch)."""
+    from layercap.pipeline.run import run_pipeline as _run
+
+    return _run(config, run_dir, **kwargs)

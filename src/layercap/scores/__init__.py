@@ -1,1 +1,23 @@
-"""scores"""
+"""Layer scores zeta_k^2 = g_k^T (C_k + lambda_k I)^-1 g_k (SPEC section 1).
+
+``score_model(model, method, calib, ...) -> LayerScores`` is the entry point; methods live in a
+registry (``METHODS``, ``register``) that baseline score sources extend.
+"""
+
+from layercap.scores.api import score_model
+from layercap.scores.groups import ParamGroup, param_groups
+from layercap.scores.registry import METHODS, ScoreMethod, ScoreOptions, available_methods, get_method, register
+
+__all__ = [
+    "score_model",
+    "ParamGroup",
+    "param_groups",
+    "METHODS",
+    "ScoreMethod",
+    "ScoreOptions",
+    "available_methods",
+    "get_method",
+    "register",
+]
+
+from layercap.scores import methods as _builtin_methods  # noqa: E402,F401  (registers gradnorm, diag, kfac, ekfac, exact)

@@ -1,0 +1,485 @@
+"""Science check: do the layer gains zeta_k^2 predict the loss actually removed by training block k?
+
+SPEC section 1 claims zeta_k^2 / 2 is the loss reduction (nats/token, second order) reachable by
+updating block k alone. For every block k this script measures two ground truths:
+
+(a) Newton: the damped Newton step d_k = -(C_k + lambda_k I)^{-1} g_k of each curvature method
+    whose step is available here (gradnorm: d = -g; diag; kfac: in the Kronecker eigenbasis,
+    non-Linear parameters diagonal; built from the scoring engine's ``fisher_pass`` statistics
+    with the same damping rule), applied to block k alone. The true change of the mean token NLL
+    is measured on the statistics windows (where zeta^2 / 2 is the prediction) and on held-out
+    windows. ekfac and exact steps are not reconstructed here (their zeta^2 is still scored).
+(b) Optimiser: a fixed budget of ``--steps`` full-batch Adam steps (same lr for every block) on
+    block k only, starting from the pretrained weights; loss reduction on the statistics windows
+    and on held-out windows.
+
+It then reports the Spearman rank correlation between each method's zeta_k^2 (gradnorm, diag,
+kfac, ekfac, exact) and each ground truth, and, for context, the baseline score sources
+(alpha-hill, owl, influence) against the same ground truths. Statistics windows and held-out
+windows come from disjoint halves of the corpus.
+
+Usage (one process; GPU auto-detected with torch.cuda.is_available()):
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/validate_gains.py \
+        --model smollm2 --data ../shared/data/corpora/wikitext-2-raw/wiki.test.raw \
+        --nsamples 8 --seqlen 128 --out benchmarks/results/validate_gains.json
+
+Cost: scoring passes, 2 * K * (#Newton methods) forward passes and K * (steps fwd+bwd + 2 fwd) for
+the optimiser budget. On a shared 2-core CPU that is hours for SmolLM2 at 8 x 128 tokens, so the
+parts can run as parallel processes with the same settings (``--methods ""`` / ``--newton ""``
+select the parts; each saves ``<out>.partial.json`` after every finished unit) and be combined
+with ``--resume --merge A.partial.json B.partial.json --no-compute``. ``--resume`` alone restarts
+an interrupted run where it stopped.
+
+The result record (schema ``layercap.validate_gains/v1``) holds every per-block number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from layercap.data.calibration import CalibrationSet, read_text, tokenize_text
+from layercap.errors import LayercapError
+from layercap.io import atomic_write_json, sha256_bytes
+
+SCHEMA = "layercap.validate_gains/v1"
+CURVATURE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact")
+BASELINES = ("alpha-hill", "owl", "influence")
+STEP_METHODS = ("gradnorm", "diag", "kfac")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def disjoint_windows(tokenizer, path: str, nsamples: int, seqlen: int, seed: int) -> tuple[CalibrationSet, CalibrationSet]:
+    """(statistics, held-out): ``nsamples`` random windows each from the first / second half of the text."""
+    tokens = tokenize_text(tokenizer, read_text(path))
+    half = tokens.numel() // 2
+    if half < seqlen + 1:
+        raise LayercapError(f"{path} has {tokens.numel()} tokens; need 2 * (seqlen + 1) = {2 * (seqlen + 1)}.")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for part in (tokens[:half], tokens[half:]):
+        starts = torch.randint(0, part.numel() - seqlen, (nsamples,), generator=gen)
+        ids = torch.stack([part[s : s + seqlen] for s in starts.tolist()])
+        out.append(CalibrationSet(ids, sha256_bytes(ids.numpy().tobytes()), str(path), seed))
+    return out[0], out[1]
+
+
+@torch.no_grad()
+def mean_nll(model, calib: CalibrationSet, batch_size: int, device) -> float:
+    """Mean next-token NLL over all predicted tokens (nats/token)."""
+    from layercap.scores.engine import logits_of, summed_nll
+
+    total, count = 0.0, 0
+    for ids in calib.batches(batch_size):
+        ids = ids.to(device)
+        total += float(summed_nll(logits_of(model, ids), ids))
+        count += ids.shape[0] * (ids.shape[1] - 1)
+    return total / count
+
+
+# ---- Newton steps from the engine's statistics ------------------------------------------------------
+def newton_steps(model, groups, calib, options, kinds=STEP_METHODS) -> dict[str, dict[str, Any]]:
+    """Per method: {"steps": [ {param_name: step tensor} per group ], "zeta2": (K,) g^T (-d)}."""
+    from layercap.scores.engine import make_context, unique_params
+    from layercap.scores.methods import (
+        damping_value, eig_psd, fisher_pass, is_conv1d, kron_linears, linear_param_ids,
+    )
+
+    out: dict[str, dict[str, Any]] = {}
+    if "gradnorm" in kinds or "diag" in kinds:
+        stats = fisher_pass(model, groups, make_context(calib, options, "validate-diag", groups, model), linears={})
+        if "gradnorm" in kinds:
+            steps = [{n: -stats.g[n] for n, _ in grp.params} for grp in groups]
+            out["gradnorm"] = {"steps": steps}
+        if "diag" in kinds:
+            steps = []
+            for grp in groups:
+                trace = sum(float(stats.fisher_diag[n].double().sum()) for n, _ in grp.params)
+                lam = damping_value(options, trace, grp.num_params)
+                steps.append({n: -stats.g[n] / (stats.fisher_diag[n].clamp_min(0) + lam) for n, _ in grp.params})
+            out["diag"] = {"steps": steps}
+        grads = stats.g
+        del stats
+    if "kfac" in kinds:
+        linears = kron_linears(groups)
+        stats = fisher_pass(model, groups, make_context(calib, options, "validate-kfac", groups, model), linears)
+        names, params = unique_params(groups)
+        pnames = {id(p): n for n, p in zip(names, params)}
+        kron_ids = linear_param_ids(linears)
+        steps = []
+        for grp in groups:
+            diag_names = [n for n, p in grp.params if id(p) not in kron_ids]
+            trace = sum(float(stats.fisher_diag[n].double().sum()) for n in diag_names)
+            bases = {}
+            for name in grp.linears:
+                s_a, u_a = eig_psd(stats.a.pop(name))
+                s_g, u_g = eig_psd(stats.gg.pop(name))
+                bases[name] = (s_g, u_g, s_a, u_a)
+                trace += float(s_g.sum() * s_a.sum())
+            lam = damping_value(options, trace, grp.num_params)
+            step = {n: -stats.g[n] / (stats.fisher_diag[n].clamp_min(0) + lam) for n in diag_names}
+            for name, module in grp.linears.items():
+                s_g, u_g, s_a, u_a = bases[name]
+                wname = pnames[id(module.weight)]
+                gw = stats.g[wname].double()
+                gw = gw.t() if is_conv1d(module) else gw
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    gw = torch.cat([gw, stats.g[pnames[id(bias)]].double().reshape(-1, 1)], dim=1)
+                d = -(u_g @ ((u_g.T @ gw @ u_a) / (torch.outer(s_g, s_a) + lam)) @ u_a.T)
+                dw = d[:, : d.shape[1] - (bias is not None)]
+                step[wname] = (dw.t() if is_conv1d(module) else dw).float()
+                if bias is not None:
+                    step[pnames[id(bias)]] = d[:, -1].float()
+            steps.append(step)
+            del bases
+        out["kfac"] = {"steps": steps}
+        grads = stats.g
+    for kind, rec in out.items():
+        # g^T (-d) must equal the engine's zeta^2 of the same method: a self-check of the step
+        rec["zeta2"] = [sum(float((grads[n].double() * -d.double()).sum()) for n, d in st.items()) for st in rec["steps"]]
+    return out
+
+
+@torch.no_grad()
+def measure_step(model, group, step: dict[str, torch.Tensor], datasets, batch_size, device) -> list[float]:
+    """Apply ``step`` to the group's parameters, measure the mean NLL on each dataset, restore."""
+    params = dict(group.params)
+    saved = {n: params[n].detach().clone() for n in step}
+    try:
+        for n, s in step.items():
+            params[n].add_(s.to(params[n].device, params[n].dtype))
+        return [mean_nll(model, d, batch_size, device) for d in datasets]
+    finally:
+        for n, w in saved.items():
+            params[n].copy_(w)
+
+
+def optimiser_reduction(model, group, calib, datasets, steps: int, lr: float, optimiser: str, batch_size: int, device) -> list[float]:
+    """Train the group alone for ``steps`` full-batch steps; loss on each dataset after; restore."""
+    from layercap.scores.engine import logits_of, summed_nll
+
+    params = [p for _, p in group.params]
+    saved = [p.detach().clone() for p in params]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr) if optimiser == "adam" else torch.optim.SGD(params, lr=lr)
+    n_tok = calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            for ids in calib.batches(batch_size):
+                ids = ids.to(device)
+                (summed_nll(logits_of(model, ids), ids) / n_tok).backward()
+            opt.step()
+        return [mean_nll(model, d, batch_size, device) for d in datasets]
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+        model.train(was_training)
+
+
+# ---- result record -------------------------------------------------------------------------------
+@dataclass
+class GainsValidation:
+    """Per-block scores and measured loss reductions (nats/token), plus Spearman correlations."""
+
+    model: str
+    groups: list[str]
+    base_loss: dict[str, float]  # {"stats", "heldout"}
+    scores: dict[str, list[float]]  # method -> (K,) zeta2 (or baseline score)
+    newton: dict[str, dict[str, list[float]]]  # method -> {"stats", "heldout"} (K,) loss reduction of its step
+    optimiser: dict[str, list[float]] | None  # {"stats", "heldout"} (K,) loss reduction after the step budget
+    spearman: dict[str, dict[str, float]]  # method -> {truth: rho}
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: dict[str, float] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GainsValidation":
+        if d.get("schema") != SCHEMA:
+            raise LayercapError(f"not a {SCHEMA} record (schema={d.get('schema')!r}).")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def save(self, path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "GainsValidation":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def spearman(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def correlations(scores: dict[str, list[float]], newton, optimiser) -> dict[str, dict[str, float]]:
+    out = {}
+    for m, z in scores.items():
+        row = {} if optimiser is None else {f"optim_{split}": spearman(z, optimiser[split]) for split in ("stats", "heldout")}
+        for nm, red in newton.items():
+            for split in ("stats", "heldout"):  # (red also holds "zeta2_of_step")
+                row[f"newton[{nm}]_{split}"] = spearman(z, red[split])
+        out[m] = row
+    return out
+
+
+# ---- driver --------------------------------------------------------------------------------------------
+def load(spec: str, device):
+    if spec.startswith("tiny-"):
+        from layercap.models.tiny import build_tiny
+
+        model, tok = build_tiny(spec[5:])
+    else:
+        from layercap.models import load_model
+
+        model, tok = load_model(spec, dtype="float32", device=str(device))
+    return model.to(device), tok
+
+
+OPTIM_KEYS = ("steps", "lr", "optimiser")
+
+
+def _data_key(key: dict) -> dict:
+    """What scores and Newton reductions depend on (everything but the optimiser budget)."""
+    return {k: v for k, v in key.items() if k not in OPTIM_KEYS}
+
+
+def _optim_key(key: dict) -> dict:
+    return {k: key.get(k) for k in OPTIM_KEYS}
+
+
+class Progress:
+    """Finished units of work (scores per method, Newton reductions per method, optimiser), saved
+    atomically after each unit to ``<out>.partial.json`` so that ``--resume`` skips them. A cache
+    made with other data or settings is ignored."""
+
+    def __init__(self, path: Path, key: dict, resume: bool):
+        self.path, self.key = path, key
+        self.state: dict[str, Any] = {"key": key, "scores": {}, "newton": {}, "optimiser": None, "wall_time_s": {}}
+        if resume and path.is_file():
+            saved = json.loads(path.read_text())
+            if _data_key(saved.get("key", {})) == _data_key(key):
+                if _optim_key(saved["key"]) != _optim_key(key):
+                    saved["optimiser"] = None  # made with another step budget
+                saved["key"] = key
+                self.state = saved
+                print(f"resuming from {path}: {sorted(saved['scores'])} scored, newton {sorted(saved['newton'])}, "
+                      f"optimiser {'done' if saved['optimiser'] else 'to do'}", file=sys.stderr)
+            else:
+                print(f"{path} was made with other settings; starting afresh", file=sys.stderr)
+
+    def merge(self, paths) -> None:
+        """Take finished units from other runs' partial files (same data and settings), e.g. when
+        scoring, Newton steps and the optimiser budget were run as parallel processes."""
+        for path in paths:
+            other = json.loads(Path(path).read_text())
+            if _data_key(other.get("key", {})) != _data_key(self.key):
+                raise LayercapError(f"{path} was made with other data or settings; cannot merge it.")
+            if _optim_key(other["key"]) != _optim_key(self.key):
+                other["optimiser"] = None
+            for part in ("scores", "newton"):
+                for name, value in other[part].items():
+                    self.state[part].setdefault(name, value)
+            if self.state["optimiser"] is None and other["optimiser"] is not None:
+                self.state["optimiser"] = other["optimiser"]
+            for name, value in other["wall_time_s"].items():
+                self.state["wall_time_s"].setdefault(f"{name} ({Path(path).name})", value)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.state)
+
+
+def run(args) -> GainsValidation:
+    from tqdm.auto import tqdm
+
+    from layercap.scores import ScoreOptions, param_groups, score_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device == "auto" else ("cpu" if args.device == "auto" else args.device))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tok = load(args.model, device)
+    stats_set, heldout = disjoint_windows(tok, args.data, args.nsamples, args.seqlen, args.seed)
+    groups = param_groups(model, "block")
+    names = [g.name for g in groups]
+    options = ScoreOptions(batch_size=args.batch_size, damping=args.damping, seed=args.seed, device=str(device))
+    datasets = [stats_set, heldout]
+    base = [mean_nll(model, d, args.batch_size, device) for d in datasets]
+    timings["setup"] = time.perf_counter() - t0
+
+    key = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "seed", "damping", "exact_nsamples", "exact_seqlen",
+                                         "cg_max_iter", "cg_tol", "influence_aggregate", "steps", "lr", "optimiser")}
+    key.update({"stats_sha256": stats_set.sha256, "heldout_sha256": heldout.sha256})
+    progress = Progress(Path(str(args.out) + ".partial.json"), key, args.resume)
+    if args.merge:
+        progress.merge(args.merge)
+    state = progress.state
+    timings.update(state["wall_time_s"])
+    scores: dict[str, list[float]] = state["scores"]
+    for method in args.methods:
+        if method in scores or args.no_compute:
+            continue
+        t = time.perf_counter()
+        opts = ScoreOptions(batch_size=args.batch_size, damping=args.damping, seed=args.seed, device=str(device),
+                            cg_max_iter=args.cg_max_iter, cg_tol=args.cg_tol)
+        calib = stats_set
+        if method == "exact":  # matrix-free CG: every iteration is a pass over the data
+            ids = stats_set.input_ids[: args.exact_nsamples, : args.exact_seqlen]
+            calib = CalibrationSet(ids, sha256_bytes(ids.numpy().tobytes()), stats_set.source, stats_set.seed)
+        if method == "influence":
+            opts.extra = {"validation": heldout, "aggregate": args.influence_aggregate}
+        print(f"scoring {method} ...", file=sys.stderr, flush=True)
+        scores[method] = score_model(model, method, calib, options=opts).zeta2.tolist()
+        timings[f"score:{method}"] = time.perf_counter() - t
+        state["wall_time_s"] = timings
+        progress.save()
+
+    newton: dict[str, dict[str, list[float]]] = state["newton"]
+    todo = [m for m in STEP_METHODS if m in args.newton and m not in newton]
+    if todo and not args.no_compute:
+        t = time.perf_counter()
+        steps = newton_steps(model, groups, stats_set, options, todo)
+        timings["newton:statistics"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for kind, rec in steps.items():
+            red = {"stats": [], "heldout": []}
+            for grp, step in tqdm(list(zip(groups, rec["steps"])), desc=f"newton step {kind}", unit="block", file=sys.stderr):
+                after = measure_step(model, grp, step, datasets, args.batch_size, device)
+                red["stats"].append(base[0] - after[0])
+                red["heldout"].append(base[1] - after[1])
+            red["zeta2_of_step"] = rec["zeta2"]  # g^T(-d): equals the engine's zeta2 (self-check)
+            newton[kind] = red
+            if kind in scores:
+                ref, mine = np.asarray(scores[kind]), np.asarray(rec["zeta2"])
+                print(f"self-check {kind}: max rel diff of g^T(-d) vs engine zeta2 = "
+                      f"{np.max(np.abs(mine - ref) / np.maximum(ref, 1e-30)):.2e}", file=sys.stderr)
+            progress.save()
+        del steps
+        timings["newton:measure"] = time.perf_counter() - t
+
+    if state["optimiser"] is None and args.steps > 0 and not args.no_compute:
+        t = time.perf_counter()
+        optim = {"stats": [], "heldout": []}
+        for grp in tqdm(groups, desc=f"{args.steps} {args.optimiser} steps per block", unit="block", file=sys.stderr):
+            after = optimiser_reduction(model, grp, stats_set, datasets, args.steps, args.lr, args.optimiser, args.batch_size, device)
+            optim["stats"].append(base[0] - after[0])
+            optim["heldout"].append(base[1] - after[1])
+        timings["optimiser"] = time.perf_counter() - t
+        state["optimiser"] = optim
+        state["wall_time_s"] = timings
+        progress.save()
+    optim = state["optimiser"]
+    timings["total_this_run"] = time.perf_counter() - t0
+
+    scores = {**{m: scores[m] for m in args.methods if m in scores}, **scores}  # table rows in --methods order
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "no_compute", "merge")}
+    settings.update({"device": str(device), "stats_sha256": stats_set.sha256, "heldout_sha256": heldout.sha256,
+                     "torch": torch.__version__, "threads": torch.get_num_threads()})
+    return GainsValidation(args.model, names, {"stats": base[0], "heldout": base[1]}, scores, newton, optim,
+                           correlations(scores, newton, optim), settings, timings)
+
+
+def table(result: GainsValidation) -> str:
+    cols = (["optim_stats", "optim_heldout"] if result.optimiser else []) + [
+        f"newton[{m}]_{s}" for m in result.newton for s in ("stats", "heldout")]
+    lines = ["| score | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for m, row in result.spearman.items():
+        lines.append(f"| {m} | " + " | ".join(f"{row.get(c, float('nan')):+.2f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def quadratic_check(result: GainsValidation) -> str:
+    """Predicted zeta^2/2 vs measured Newton-step reduction on the statistics windows (sums over blocks)."""
+    lines = ["| method | sum zeta2/2 (pred.) | sum measured (stats) | sum measured (held-out) | blocks where the step raised stats loss |",
+             "| --- | --- | --- | --- | --- |"]
+    for m, red in result.newton.items():
+        if m not in result.scores:
+            continue
+        pred = 0.5 * np.sum(result.scores[m])
+        lines.append(f"| {m} | {pred:.4g} | {np.sum(red['stats']):.4g} | {np.sum(red['heldout']):.4g} | "
+                     f"{int(np.sum(np.asarray(red['stats']) < 0))}/{len(red['stats'])} |")
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2, a save_pretrained dir, a .gguf, or tiny-<family>")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/corpora/wikitext-2-raw/wiki.test.raw"))
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--damping", type=float, default=0.1, help="relative damping rho (SPEC default 0.1)")
+    p.add_argument("--methods", default=",".join(CURVATURE_METHODS + BASELINES))
+    p.add_argument("--newton", default=",".join(STEP_METHODS), help="methods whose Newton step is measured")
+    p.add_argument("--exact-nsamples", type=int, default=1, help="windows used by the (slow) exact method")
+    p.add_argument("--exact-seqlen", type=int, default=32, help="tokens per window for the exact method")
+    p.add_argument("--cg-max-iter", type=int, default=10)
+    p.add_argument("--cg-tol", type=float, default=1e-3)
+    p.add_argument("--influence-aggregate", default="all")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--optimiser", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="benchmarks/results/validate_gains.json")
+    p.add_argument("--resume", action="store_true", help="reuse finished parts from <out>.partial.json")
+    p.add_argument("--merge", nargs="*", default=[], metavar="PARTIAL",
+                   help="merge finished parts of other runs' <out>.partial.json files (same settings) first")
+    p.add_argument("--no-compute", action="store_true",
+                   help="with --resume: report only what <out>.partial.json holds (for parts computed by separate runs)")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.newton = [m for m in args.newton.split(",") if m]
+    unknown = [m for m in args.methods if m not in CURVATURE_METHODS + BASELINES]
+    if unknown or any(m not in STEP_METHODS for m in args.newton):
+        p.error(f"unknown method(s) {unknown or args.newton}; scores: {CURVATURE_METHODS + BASELINES}, steps: {STEP_METHODS}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        result = run(args)
+    except LayercapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result.save(args.out)
+    print(f"model {result.model}, {len(result.groups)} blocks, base loss stats {result.base_loss['stats']:.4f} "
+          f"held-out {result.base_loss['heldout']:.4f} nats/token")
+    print("\nSpearman rho of each score with the measured loss reduction:\n")
+    print(table(result))
+    print("\nQuadratic-model check (Newton step of each method on its own statistics):\n")
+    print(quadratic_check(result))
+    print("\nwall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.wall_time_s.items()))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``layercap allocate``: per-layer capacity (LoRA experts / rank units) under a budget.
+
+Reads a scores file, runs an allocation rule (default: the MDL program, SPEC section 2) and
+writes a ``layercap.allocation/v1`` record (JSON, plus CSV with --csv). numpy only: no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from layercap.errors import LayercapError
+
+NAME = "allocate"
+
+
+def add_allocation_options(p: argparse.ArgumentParser, budget_required: bool = True) -> None:
+    """Program options shared with ``layercap transfer``."""
+    p.add_argument("--budget", type=float, required=budget_required, metavar="B",
+                   help="total budget in cost units (with --cost count: the number of experts / rank units)")
+    p.add_argument("--cost", default=None, metavar="count|params|FILE",
+                   help="cost of one unit per layer: count (1; the default unless the scores file has a cost column), "
+                        "params (the layer's parameter count), or a CSV (name,cost) / JSON {name: cost} file")
+    p.add_argument("--beta", type=float, default=0.9, help="curvature exponent on q (default 0.9; 0 = uniform, 1 = proportional)")
+    p.add_argument("--alpha", default="auto", metavar="auto|X",
+                   help="MDL trade-off alpha; auto (default) spends the budget exactly")
+    p.add_argument("--min", dest="lower", type=float, default=1, metavar="L", help="at least L units per layer (default 1)")
+    p.add_argument("--max", dest="upper", type=float, default=None, metavar="U", help="at most U units per layer (default unbounded)")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    from layercap.programs.rules import ALLOCATION_RULES
+
+    p = subparsers.add_parser(
+        NAME, help="allocate LoRA experts / rank per layer under a budget",
+        description="Allocate capacity units (LoRA-MoE experts or LoRA rank units) across layers under a global "
+                    "budget, by the MDL water-filling program or a baseline rule, and write a "
+                    "layercap.allocation/v1 JSON record.",
+    )
+    p.add_argument("scores", metavar="SCORES", help="scores file (layercap.scores/v1 JSON or CSV)")
+    add_allocation_options(p)
+    p.add_argument("--integer", dest="integer", action="store_true", default=True,
+                   help="whole units (default): greedy integer allocation with a gap certificate")
+    p.add_argument("--continuous", dest="integer", action="store_false", help="real-valued units (the continuous program)")
+    p.add_argument("--rule", default="mdl", choices=ALLOCATION_RULES, help="allocation rule (default mdl)")
+    p.add_argument("--unit", default="experts", choices=("experts", "rank", "units"), help="what one unit is (default experts)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="output allocation JSON")
+    p.add_argument("--csv", action="store_true", help="also write the per-layer table as CSV beside the JSON")
+    return p
+
+
+def parse_alpha(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise LayercapError(f"--alpha {value!r}: use auto or a number > 0.") from None
+
+
+def resolve_cost_option(cost, scores):
+    """--cost value -> what allocation_by_rule takes (None, 'count', 'params' or an array)."""
+    if cost is None or cost in ("count", "params"):
+        return cost
+    from layercap.programs.rules import load_costs
+
+    return load_costs(cost, scores.names)
+
+
+def check_output(path: str, csv: bool) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise LayercapError(f"-o {path!r} is a directory; give a file name such as {out / 'out.json'}.")
+    if csv and out.suffix.lower() == ".csv":
+        raise LayercapError(f"-o {path!r} ends in .csv; give the JSON name (the CSV is written beside it with --csv).")
+    return out
+
+
+def format_table(header: list[str], rows: list[list], out=None) -> None:
+    """Plain aligned table on stdout."""
+    out = out or sys.stdout
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def main(args) -> int:
+    from layercap.programs.rules import allocation_by_rule
+    from layercap.scorefile import LayerScores
+
+    out = check_output(args.output, args.csv)
+    scores = LayerScores.load(args.scores)
+    alloc = allocation_by_rule(
+        args.rule, scores, args.budget, costs=resolve_cost_option(args.cost, scores), beta=args.beta,
+        alpha=parse_alpha(args.alpha), lower=args.lower, upper=args.upper, integer=args.integer, unit=args.unit,
+    )
+    alloc.metadata["scores_file"] = str(args.scores)
+    rows = [[l.name, f"{l.q:.4f}", l.n if alloc.integer else f"{l.n:.3f}", f"{l.cost:g}"] for l in alloc.layers]
+    format_table(["layer", "q", args.unit, "cost"], rows)
+    mu = "-" if alloc.mu is None else f"{alloc.mu:.4g}"
+    gap = "" if alloc.gap is None else f"  gap {alloc.gap:.3g}"
+    print(f"rule {alloc.rule}: spent {alloc.spent:g} of {alloc.budget:g} ({'binds' if alloc.binds else 'does not bind'}), mu {mu}{gap}")
+    for w in alloc.metadata.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    alloc.save(out)
+    if args.csv:
+        alloc.save(out.with_suffix(".csv"))
+    print(f"wrote {out}" + (f" and {out.with_suffix('.csv')}" if args.csv else ""))
+    return 0

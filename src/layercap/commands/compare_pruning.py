@@ -1,0 +1,81 @@
+"""``layercap compare-pruning``: ratio rules x pruners x sparsities on one model.
+
+Writes OUTDIR/comparison.json (``layercap.comparison/v1``), comparison.csv, comparison.md and
+comparison.png; per-cell results in OUTDIR/cells/ and cached scores in OUTDIR/scores/ make a
+rerun resume where it stopped (see ``layercap.evaluate.comparison``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "compare-pruning"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        NAME,
+        help="compare ratio rules x pruners x sparsities on one model",
+        description="Prune fresh copies of MODEL with every (rule, pruner, sparsity) on the same calibration windows, "
+        "evaluate perplexity and zero-shot accuracy against the dense model, and write comparison.{json,csv,md,png} "
+        "to OUTDIR. Resumable: finished cells are kept in OUTDIR/cells and skipped on rerun.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model: a save_pretrained directory, a .gguf file, 'smollm2' or tiny-<family>")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5], metavar="S", help="target sparsities (default 0.5)")
+    p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=("wanda", "sparsegpt", "magnitude"),
+                   help="pruners (default wanda sparsegpt)")
+    p.add_argument("--rules", nargs="+", default=["uniform", "owl", "alphapruning", "mdl:kfac"], metavar="RULE[:SOURCE]",
+                   help="ratio rules: uniform, owl, alphapruning, layerif, mdl:SOURCE (SOURCE = a score method: diag, kfac, "
+                   "ekfac, gradnorm, exact...; default uniform owl alphapruning mdl:kfac)")
+    p.add_argument("--data", metavar="PATH", help="calibration text (file or directory), shared by scores and pruners (required)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--ppl", nargs="+", default=[], metavar="PATH", help="text file(s) for perplexity")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window (default 512, non-overlapping)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="perplexity on the first N tokens of each text")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="PATH", help="task file(s) or directories for zero-shot accuracy")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="seeded random subset of N items per task")
+    p.add_argument("--min-ratio", type=float, default=0.0, help="lowest per-block ratio, every rule (default 0)")
+    p.add_argument("--max-ratio", type=float, default=0.9, help="highest per-block ratio, every rule (default 0.9)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration windows and task subsets (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild comparison.{json,csv,md,png} from the finished cells in OUTDIR (no model work)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(args) -> int:
+    from layercap.errors import LayercapError
+    from layercap.evaluate.comparison import collect, run_comparison, write_outputs
+
+    if args.report_only:
+        result = collect(args.output)
+        write_outputs(result, args.output)
+        print(result.markdown())
+        print(f"wrote {args.output}/comparison.json, comparison.csv, comparison.md, comparison.png ({len(result.cells)} cells)")
+        return 0
+    if not args.data:
+        raise LayercapError("--data is required: pass calibration text, e.g. --data ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
+    for flag, value in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--eval-seqlen", args.eval_seqlen), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise LayercapError(f"{flag} must be >= 1, got {value}.")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LayercapError(f"--device {args.device} requested but CUDA is not available; use --device cpu.")
+    result = run_comparison(
+        args.model, args.rules, args.methods, args.sparsity, args.output,
+        data=args.data, nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
+        eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        min_ratio=args.min_ratio, max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device,
+        progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr),
+    )
+    print(result.markdown())
+    print(f"wrote {args.output}/comparison.json, comparison.csv, comparison.md, comparison.png")
+    return 0

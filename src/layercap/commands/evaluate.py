@@ -1,0 +1,115 @@
+"""``layercap evaluate``: perplexity and zero-shot multiple-choice accuracy of one model.
+
+Writes a ``layercap.eval/v1`` JSON (``-o``) and prints a table. ``--lm-eval`` additionally runs
+lm-evaluation-harness on the in-memory model (needs ``pip install lm-eval``); its results go
+under ``"lm_eval"`` in the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from layercap.errors import LayercapError
+
+NAME = "evaluate"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        NAME,
+        help="perplexity and zero-shot multiple-choice accuracy",
+        description="Perplexity on text files (strided windows) and zero-shot accuracy (acc, acc_norm as "
+        "lm-evaluation-harness) on task files or directories (format A JSON, format B JSONL, generic JSONL, "
+        "GLUE CoLA/RTE/MRPC TSV).",
+    )
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="model: a save_pretrained directory, a .gguf file, or 'smollm2'")
+    p.add_argument("--ppl", nargs="+", default=[], metavar="PATH", help="text file(s) for perplexity")
+    p.add_argument("--seqlen", type=int, default=512, help="perplexity window in tokens (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window step (default = --seqlen: non-overlapping)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score only the first N tokens of each text")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="PATH", help="task file(s) or directories")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="seeded random subset of N items per task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
+    p.add_argument("--reference", metavar="EVAL_JSON", help="eval.json of a reference (dense) model: decides the tasks 'above chance'")
+    p.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated; needs `pip install lm-eval`)")
+    p.add_argument("-o", "--output", required=True, metavar="EVAL_JSON", help="output JSON (layercap.eval/v1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def validate(args) -> None:
+    """Everything checkable before the model is loaded."""
+    if not args.ppl and not args.tasks and not args.lm_eval:
+        raise LayercapError("nothing to evaluate: pass --ppl TEXT and/or --tasks PATH (or --lm-eval TASKS).")
+    for flag, value in (("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise LayercapError(f"{flag} must be >= 1, got {value}.")
+    if args.stride is not None and not (1 <= args.stride <= args.seqlen):
+        raise LayercapError(f"--stride must be in [1, --seqlen={args.seqlen}], got {args.stride}.")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise LayercapError(f"--max-tokens must be >= 2, got {args.max_tokens}.")
+    for p in args.ppl:
+        if not Path(p).is_file():
+            raise LayercapError(f"--ppl {p!r} is not a file; pass a text file such as ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
+    out = Path(args.output)
+    if out.is_dir():
+        raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as eval.json.")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LayercapError(f"--device {args.device} requested but CUDA is not available; use --device cpu.")
+    if args.lm_eval:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError as exc:
+            raise LayercapError("--lm-eval needs lm-evaluation-harness: `pip install lm-eval`, or drop --lm-eval.") from exc
+
+
+def run_lm_eval(model, tokenizer, tasks: str, batch_size: int, limit: int | None, device: str) -> dict:
+    """lm-evaluation-harness ``simple_evaluate`` on the in-memory model; its ``results`` dict."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit)
+    return out.get("results", {})
+
+
+def main(args) -> int:
+    from layercap.data.tasks import load_task
+    from layercap.evaluate import EvalResult, evaluate_model
+    from layercap.io import atomic_write_json
+    from layercap.models import load_model
+
+    validate(args)
+    for t in args.tasks:  # parse errors before the model loads
+        load_task(t, limit=args.limit, seed=args.seed)
+    reference = EvalResult.load(args.reference) if args.reference else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = evaluate_model(
+        model,
+        tokenizer,
+        ppl=args.ppl,
+        tasks=args.tasks,
+        limit=args.limit,
+        seqlen=args.seqlen,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        reference=reference,
+        model_name=str(args.model),
+        progress=not args.quiet,
+    )
+    doc = result.to_dict()
+    if args.lm_eval:
+        doc["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval, args.batch_size, args.limit, args.device)
+    atomic_write_json(args.output, doc)
+    print(result.table())
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,180 @@
+"""``layercap score``: zeta_k^2 of every layer block of a causal LM on calibration text.
+
+Writes a ``layercap.scores/v1`` JSON (and a CSV twin with ``--csv``) atomically. Statistics
+passes checkpoint to ``<output>.ckpt/`` every ``--checkpoint-every`` micro-batches; rerun
+with ``--resume`` after an interruption to continue (the directory is removed on success).
+Under ``torchrun`` (WORLD_SIZE > 1) every rank scores its shard of the windows, the sums are
+all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from layercap.errors import LayercapError
+
+NAME = "score"
+BUILTIN = ("gradnorm", "diag", "kfac", "ekfac", "exact")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        NAME,
+        help="score every layer of a causal LM on calibration text (zeta^2 and baselines)",
+        description="Compute zeta_k^2 = g_k^T (C_k + lambda_k I)^-1 g_k for every decoder block (or Linear, or "
+        "user group) of MODEL on calibration windows drawn from --data, and write a layercap.scores/v1 file.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a save_pretrained directory, a .gguf file, or 'smollm2'")
+    p.add_argument("--data", metavar="PATH", help="calibration text: a file (txt, JSON, JSONL) or a directory")
+    p.add_argument("--method", default="kfac",
+                   help=f"score method: {', '.join(BUILTIN)} or a registered baseline (alpha-hill, owl, influence); default kfac")
+    p.add_argument("--granularity", default="block", choices=("block", "module"), help="one score per block (default) or per Linear")
+    p.add_argument("--groups", metavar="FILE", help="JSON object {group name: regex over parameter names}; overrides --granularity")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch (default 4; results do not depend on it)")
+    p.add_argument("--damping", type=float, default=0.1, help="rho (relative) or lambda (absolute); default 0.1")
+    p.add_argument("--damping-mode", default="relative", choices=("relative", "absolute"),
+                   help="relative: lambda_k = rho * trace(C_k)/dim_k (default); absolute: lambda_k = --damping")
+    p.add_argument("--fisher", default="empirical", choices=("empirical", "true"),
+                   help="empirical (observed next tokens, default) or true (labels sampled from the model, seeded)")
+    p.add_argument("--cg-tol", type=float, default=1e-6, help="exact: CG relative residual tolerance (default 1e-6)")
+    p.add_argument("--cg-max-iter", type=int, default=100, help="exact: CG iteration cap (default 100)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; torchrun ranks use cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (statistics are float32 regardless); default float32")
+    p.add_argument("--blocks", metavar="REGEX", help="full module names of the decoder blocks (default: found structurally)")
+    p.add_argument("--modules", metavar="REGEX", help="only Linears whose name inside the block matches")
+    p.add_argument("--seed", type=int, default=0, help="seed of window offsets and sampled labels (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint directory of an interrupted run")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint directory (default <output>.ckpt)")
+    p.add_argument("--checkpoint-every", type=int, default=16,
+                   help="checkpoint the running sums every N micro-batches (default 16; 0 disables)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="scores file (.json, or .csv)")
+    p.add_argument("--csv", action="store_true", help="also write a CSV twin (name,zeta2,params) next to a JSON output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def read_groups(path: str) -> dict[str, str]:
+    file = Path(path)
+    if not file.is_file():
+        raise LayercapError(f"--groups {path!r} does not exist; pass a JSON object like {{\"attn\": \"self_attn\", \"mlp\": \"mlp\"}}.")
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LayercapError(f"--groups {path}: invalid JSON ({exc}).") from exc
+    if not isinstance(doc, dict) or not doc or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        raise LayercapError(f"--groups {path}: expected a non-empty JSON object mapping group names to regex strings.")
+    return doc
+
+
+def _validate(args):
+    """Everything checkable before the model is loaded; returns (method, granularity)."""
+    from layercap.scores.registry import get_method
+
+    method = get_method(args.method)  # unknown names -> LayercapError listing the available ones
+    if method.needs_data:
+        if not args.data:
+            raise LayercapError(f"--method {args.method} needs calibration data: pass --data PATH "
+                                "(e.g. ../shared/data/corpora/wikitext-2-raw/wiki.test.raw).")
+        if not Path(args.data).exists():
+            raise LayercapError(f"--data {args.data!r} does not exist; pass a text, JSON/JSONL file or a directory.")
+    for flag, value, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2), ("--batch-size", args.batch_size, 1),
+                             ("--checkpoint-every", args.checkpoint_every, 0), ("--cg-max-iter", args.cg_max_iter, 1)):
+        if value < low:
+            raise LayercapError(f"{flag} must be >= {low}, got {value}.")
+    if not args.damping > 0:
+        raise LayercapError(f"--damping must be > 0, got {args.damping}.")
+    if not args.cg_tol > 0:
+        raise LayercapError(f"--cg-tol must be > 0, got {args.cg_tol}.")
+    out = Path(args.output)
+    if out.suffix.lower() not in (".json", ".csv"):
+        raise LayercapError(f"-o {args.output!r}: use a .json or .csv file name.")
+    if out.is_dir():
+        raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as scores.json.")
+    granularity = read_groups(args.groups) if args.groups else args.granularity
+    return method, granularity
+
+
+def _init_distributed(device: str) -> tuple[int, int, str]:
+    """Initialise torch.distributed under torchrun; returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LayercapError(f"--device {device} requested but CUDA is not available; use --device cpu.")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def format_table(scores) -> str:
+    q = scores.q
+    width = max(len("layer"), *(len(n) for n in scores.names))
+    lines = [f"{'layer':<{width}}  {'zeta2':>12}  {'q':>8}  {'params':>12}"]
+    for layer, qk in zip(scores.layers, q):
+        lines.append(f"{layer.name:<{width}}  {layer.zeta2:>12.6g}  {qk:>8.4f}  {layer.params:>12,d}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    method, granularity = _validate(args)
+    rank, world, device = _init_distributed(args.device)
+    try:
+        return _run(args, method, granularity, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
+    from layercap.data.calibration import calibration_set
+    from layercap.models import load_model
+    from layercap.scores import ScoreOptions, score_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed) if method.needs_data else None
+    ckpt_dir = args.checkpoint_dir or f"{args.output}.ckpt"
+    options = ScoreOptions(
+        batch_size=args.batch_size, damping=args.damping, damping_mode=args.damping_mode, fisher=args.fisher,
+        seed=args.seed, device=device, progress=not args.quiet,
+        checkpoint_dir=ckpt_dir if args.checkpoint_every > 0 else None,
+        checkpoint_every=max(args.checkpoint_every, 1), resume=args.resume,
+        cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter,
+    )
+    scores = score_model(model, args.method, calib, granularity=granularity, options=options,
+                         blocks_regex=args.blocks, modules_regex=args.modules,
+                         metadata={"world_size": world, "dtype": args.dtype})
+    if rank == 0:
+        out = Path(args.output)
+        scores.save(out)
+        written = [str(out)]
+        if args.csv and out.suffix.lower() != ".csv":
+            scores.save(out.with_suffix(".csv"))
+            written.append(str(out.with_suffix(".csv")))
+        print(format_table(scores))
+        meta = scores.metadata
+        print(f"method {args.method}, {meta.get('tokens', 0):,} tokens, {meta['wall_time_s']:.1f} s, "
+              f"peak memory {meta['peak_memory_bytes'] / 2**20:.0f} MiB; wrote {', '.join(written)}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if rank == 0 and options.checkpoint_dir:
+        shutil.rmtree(options.checkpoint_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,151 @@
+"""Strided-window perplexity of a causal LM on a text file (Hugging Face "perplexity" guide).
+
+The text is tokenised once (no special tokens) and cut after ``max_tokens`` tokens. Windows of
+``seqlen`` tokens start every ``stride`` tokens; each window scores only the tokens not scored by
+an earlier window, with the window's earlier tokens as context. ``stride == seqlen``
+(the default) gives non-overlapping windows, the convention of the SparseGPT/Wanda papers (the
+first token of every window is then never a target); a smaller stride gives every target more
+context and a lower, more "honest" perplexity at ``seqlen / stride`` times the cost.
+
+Unlike the guide, the NLL is summed over the exact number of scored tokens (not ``loss * trg_len``
+with the off-by-one of the shifted labels), so ``ppl = exp(total NLL / tokens)`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from layercap.data.calibration import read_text, tokenize_text
+from layercap.errors import LayercapError
+from layercap.io import atomic_write_json, sha256_bytes
+
+SCHEMA = "layercap.perplexity/v1"
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """``ppl`` = exp(``nll_per_token``) (nats/token); ``tokens``: number of scored tokens;
+    ``text_tokens``: tokens of the (truncated) text; ``sha256``: hash of those token ids."""
+
+    ppl: float
+    nll_per_token: float
+    tokens: int
+    text_tokens: int
+    seqlen: int
+    stride: int
+    source: str
+    sha256: str
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PerplexityResult":
+        if d.get("schema") != SCHEMA:
+            raise LayercapError(f"not a {SCHEMA} record (schema {d.get('schema')!r}).")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+
+def windows(n: int, seqlen: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) per window over ``n`` tokens; targets are ``first_target..end-1``
+    (absolute positions), every position 1..n-1 is a target of at most one window."""
+    out, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + seqlen, n)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+def _device_of(model, device) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+@torch.inference_mode()
+def token_nll(model, input_ids: torch.Tensor, first_target: list[int]) -> list[tuple[float, int]]:
+    """Sum of NLL (nats) and count of the targets ``first_target[i]..L-1`` of each row of
+    ``input_ids`` (LongTensor (batch, L), all rows the same length)."""
+    logits = model(input_ids=input_ids).logits
+    out = []
+    for i, first in enumerate(first_target):
+        pred = logits[i, first - 1 : -1].float()
+        tgt = input_ids[i, first:]
+        out.append((float(F.cross_entropy(pred, tgt, reduction="sum")), int(tgt.numel())))
+    return out
+
+
+def perplexity(
+    model,
+    tokenizer,
+    path: str | Path,
+    seqlen: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    device=None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on the text of ``path`` (see module docstring)."""
+    stride = seqlen if stride is None else stride
+    if seqlen < 2 or not (1 <= stride <= seqlen):
+        raise LayercapError(f"need --seqlen >= 2 and 1 <= --stride <= --seqlen, got seqlen {seqlen}, stride {stride}.")
+    if batch_size < 1:
+        raise LayercapError(f"--batch-size must be >= 1, got {batch_size}.")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None) or getattr(
+        getattr(model, "config", None), "n_positions", None
+    )
+    if max_pos and seqlen > max_pos:
+        raise LayercapError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen <= {max_pos}.")
+    tokens = tokenize_text(tokenizer, read_text(path))
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise LayercapError(f"--max-tokens must be >= 2, got {max_tokens}.")
+        tokens = tokens[:max_tokens]
+    if tokens.numel() < 2:
+        raise LayercapError(f"{path} has fewer than 2 tokens; nothing to score.")
+    dev = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    wins = windows(tokens.numel(), seqlen, stride)
+    # rows of equal length batch together (all but possibly the last window are full)
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for w in wins:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    total, count = 0.0, 0
+    bar = tqdm(total=len(wins), desc=f"ppl {Path(path).name}", unit="win", disable=not progress, leave=False)
+    try:
+        for length, group in groups.items():
+            for s in range(0, len(group), batch_size):
+                chunk = group[s : s + batch_size]
+                ids = torch.stack([tokens[b:e] for b, e, _ in chunk]).to(dev)
+                for nll, n in token_nll(model, ids, [f - b for b, _, f in chunk]):
+                    total, count = total + nll, count + n
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    mean = total / count
+    return PerplexityResult(
+        ppl=math.exp(mean),
+        nll_per_token=mean,
+        tokens=count,
+        text_tokens=int(tokens.numel()),
+        seqlen=seqlen,
+        stride=stride,
+        source=str(path),
+        sha256=sha256_bytes(tokens.numpy().tobytes()),
+    )

@@ -1,0 +1,251 @@
+"""The stage manifest (``stages.json``) and stage-level caching of ``layercap run``.
+
+Every stage has an *input hash*: the SHA-256 of its config section, the hashes of the upstream
+artefacts it reads and the calibration data's SHA-256 (whatever the stage function declares).
+After a stage finishes, its record (input hash, output hashes, wall time, peak memory) is added
+to the manifest, which is rewritten atomically. A rerun skips a stage when its record has the
+same input hash and every recorded output still exists with the recorded hash; so a run that
+was interrupted (Ctrl-C, SIGKILL, a crash) continues with the first stage that did not finish,
+and changing one config field reruns only the stages that depend on it.
+
+Schema ``layercap.stages/v1``::
+
+    {"schema": "layercap.stages/v1",
+     "stages": {"score:kfac": {"input_hash": "...", "outputs": {"scores/kfac.json": "<sha256>"},
+                               "wall_time_s": 12.3, "cpu_time_s": 23.1, "peak_rss_bytes": 812345344,
+                               "peak_cuda_bytes": null, "finished_at": "2026-11-22T13:01:02Z"}, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from layercap.errors import LayercapError
+from layercap.io import atomic_write_json, sha256_file, sha256_json
+
+SCHEMA = "layercap.stages/v1"
+MANIFEST = "stages.json"
+
+
+def hash_output(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's (relative name, file hash) list (checkpoints)."""
+    if path.is_dir():
+        entries = [(str(p.relative_to(path)), sha256_file(p)) for p in sorted(path.rglob("*")) if p.is_file()]
+        return sha256_json(entries)
+    return sha256_file(path)
+
+
+@dataclass
+class StageRecord:
+    """One finished stage. Times in seconds; memory in bytes (peak resident set of the process
+    during the stage, and peak CUDA memory allocated when a GPU was used)."""
+
+    input_hash: str
+    outputs: dict[str, str]
+    wall_time_s: float
+    peak_rss_bytes: int | None = None
+    peak_cuda_bytes: int | None = None
+    cpu_time_s: float | None = None
+    finished_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_hash": self.input_hash, "outputs": dict(self.outputs), "wall_time_s": round(float(self.wall_time_s), 4),
+            "cpu_time_s": None if self.cpu_time_s is None else round(float(self.cpu_time_s), 4),
+            "peak_rss_bytes": self.peak_rss_bytes, "peak_cuda_bytes": self.peak_cuda_bytes, "finished_at": self.finished_at,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "StageRecord":
+        return cls(input_hash=str(doc["input_hash"]), outputs=dict(doc["outputs"]), wall_time_s=float(doc["wall_time_s"]),
+                   peak_rss_bytes=doc.get("peak_rss_bytes"), peak_cuda_bytes=doc.get("peak_cuda_bytes"),
+                   cpu_time_s=doc.get("cpu_time_s"), finished_at=str(doc.get("finished_at", "")))
+
+
+@dataclass
+class Manifest:
+    """Records of the finished stages of one run directory, in the order they finished."""
+
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "stages": {name: rec.to_dict() for name, rec in self.stages.items()}}
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str = MANIFEST) -> "Manifest":
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("stages"), dict):
+            raise LayercapError(f"{source}: not a layercap stage manifest ({SCHEMA}); delete it (the run restarts from "
+                                "scratch) or pass another -o directory.")
+        try:
+            return cls({name: StageRecord.from_dict(rec) for name, rec in doc["stages"].items()})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LayercapError(f"{source}: malformed stage record ({exc}); delete the file to rerun every stage.") from exc
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        if not path.is_file():
+            return cls()
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise LayercapError(f"{path}: not valid JSON ({exc}); delete it to rerun every stage.") from exc
+        return cls.from_dict(doc, str(path))
+
+
+# ---- peak memory ---------------------------------------------------------------------------
+def _read_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def measure(device: str = "cpu") -> Iterator[dict[str, Any]]:
+    """Measure wall time (s), process CPU time (user + system, s, all threads) and peak memory
+    (bytes) of the enclosed block into the yielded dict. On a shared machine the CPU time is
+    the steadier figure: wall time grows with other people's load, CPU time much less.
+
+    Peak RSS is exact per stage on Linux (VmHWM reset through /proc/self/clear_refs); elsewhere
+    it falls back to the process-lifetime maximum (ru_maxrss), which is an upper bound.
+    """
+    out: dict[str, Any] = {}
+    per_stage = _reset_peak_rss()
+    cuda = device.startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        yield out
+    finally:
+        out["wall_time_s"] = time.perf_counter() - start
+        out["cpu_time_s"] = time.process_time() - cpu_start
+        peak = _read_status("VmHWM") if per_stage else None
+        if peak is None:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["peak_rss_bytes"] = int(peak)
+        out["peak_cuda_bytes"] = None
+        if cuda:
+            import torch
+
+            out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+
+
+# ---- the stage runner --------------------------------------------------------------------------
+@dataclass
+class StageOutcome:
+    name: str
+    skipped: bool
+    record: StageRecord
+
+
+class StageRunner:
+    """Runs stages in a run directory, skipping those whose inputs and outputs are unchanged."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu", log: Callable[[str], None] | None = None):
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.manifest_path = self.run_dir / MANIFEST
+        self.manifest = Manifest.load(self.manifest_path)
+        self.log = log or (lambda msg: None)
+
+    def reorder(self, names: list[str]) -> None:
+        """Keep only the records of ``names``, in that order (the plan's order), and save."""
+        stages = {n: self.manifest.stages[n] for n in names if n in self.manifest.stages}
+        if list(stages) != list(self.manifest.stages):
+            self.manifest.stages = stages
+            self.manifest.save(self.manifest_path)
+
+    def output_hash(self, rel: str) -> str:
+        """Hash of an output of a finished stage, as recorded (the upstream hash of later stages)."""
+        for rec in self.manifest.stages.values():
+            if rel in rec.outputs:
+                return rec.outputs[rel]
+        raise LayercapError(f"internal: {rel} was not produced by any finished stage")
+
+    def is_fresh(self, name: str, input_hash: str) -> bool:
+        rec = self.manifest.stages.get(name)
+        if rec is None or rec.input_hash != input_hash:
+            return False
+        for rel, digest in rec.outputs.items():
+            path = self.run_dir / rel
+            if not path.exists() or hash_output(path) != digest:
+                return False
+        return True
+
+    def run(self, name: str, inputs: Any, fn: Callable[[], list[str]]) -> StageOutcome:
+        """Run ``fn`` (returns its outputs, paths relative to the run dir) unless cached."""
+        input_hash = sha256_json({"stage": name, "inputs": inputs})
+        if self.is_fresh(name, input_hash):
+            self.log(f"{name}: unchanged, skipped")
+            return StageOutcome(name, True, self.manifest.stages[name])
+        # An out-of-date record stays until the stage finishes (its input hash no longer
+        # matches, so it can never be mistaken for a fresh one) and keeps its place in the order.
+        _test_hook(name)
+        with measure(self.device) as m:
+            outputs = fn()
+        missing = [rel for rel in outputs if not (self.run_dir / rel).exists()]
+        if missing:
+            raise LayercapError(f"internal: stage {name} did not write {missing}")
+        rec = StageRecord(
+            input_hash=input_hash,
+            outputs={rel: hash_output(self.run_dir / rel) for rel in outputs},
+            wall_time_s=m["wall_time_s"], cpu_time_s=m["cpu_time_s"], peak_rss_bytes=m["peak_rss_bytes"],
+            peak_cuda_bytes=m["peak_cuda_bytes"],
+            finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        self.manifest.stages[name] = rec
+        self.manifest.save(self.manifest_path)
+        self.log(f"{name}: done in {rec.wall_time_s:.1f} s")
+        return StageOutcome(name, False, rec)
+
+
+TEST_HOOK_ENV = "LAYERCAP_TEST_INTERRUPT"
+
+
+def _test_hook(name: str) -> None:
+    """Test hook: ``LAYERCAP_TEST_INTERRUPT=<stage>[@kill]`` interrupts the run as that stage starts.
+
+    ``<stage>`` alone raises KeyboardInterrupt (as Ctrl-C would); ``<stage>@kill`` sends SIGKILL
+    to the process (a hard crash: no cleanup code runs). Used by the resume tests only.
+    """
+    spec = os.environ.get(TEST_HOOK_ENV)
+    if not spec:
+        return
+    stage, _, mode = spec.partition("@")
+    if stage != name:
+        return
+    if mode == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise KeyboardInterrupt(f"{TEST_HOOK_ENV}={spec}")

@@ -1,0 +1,156 @@
+"""compare-pruning on a tiny model: cells, resumability, outputs, independent recomputation."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from layercap.errors import LayercapError
+from layercap.evaluate.comparison import Comparison, RuleSpec, cell_id, parse_rule, run_comparison
+
+TEXT = "The quick brown fox jumps over the lazy dog. Pruning removes weights; experts add capacity. " * 40
+TASK = [
+    {"context": "The quick brown", "choices": [" fox", " dog"], "label": 0},
+    {"context": "Pruning removes", "choices": [" weights", " experts"], "label": 0},
+    {"context": "The lazy", "choices": [" dog", " fox", " cat"], "label": 0},
+]
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    from layercap.models.tiny import build_tiny
+
+    model, tok = build_tiny("llama", num_layers=3)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    task = tmp_path / "toy.jsonl"
+    task.write_text("\n".join(json.dumps(r) for r in TASK) + "\n")
+    return tmp_path, dict(data=text, nsamples=4, seqlen=32, ppl=[text], tasks=[task], eval_seqlen=64, max_tokens=200, batch_size=4, progress=False, log=lambda m: None)
+
+
+def test_parse_rule():
+    assert parse_rule("uniform") == RuleSpec("uniform", None)
+    assert parse_rule("owl") == RuleSpec("owl", "owl")
+    assert parse_rule("alphapruning") == RuleSpec("alphapruning", "alpha-hill")
+    assert parse_rule("layerif") == RuleSpec("layerif", "influence")
+    assert parse_rule("mdl") == RuleSpec("mdl", "kfac") and parse_rule("mdl:diag").label == "mdl:diag"
+    assert parse_rule("owl:diag").label == "owl:diag" and parse_rule("owl").label == "owl"
+    assert cell_id(parse_rule("mdl:kfac"), "wanda", 0.5) == "mdl-kfac_wanda_s0.50"
+    for bad, match in (("foo", "unknown"), ("mdl:nope", "not available"), ("uniform:kfac", "reads no scores")):
+        with pytest.raises(LayercapError, match=match):
+            parse_rule(bad)
+
+
+def test_run_resume_and_outputs(setup, monkeypatch):
+    tmp, kw = setup
+    out = tmp / "cmp"
+    res = run_comparison(str(tmp / "m"), ["uniform", "mdl:diag"], ["wanda"], [0.5], out, **kw)
+    assert [c.label for c in res.cells] == ["uniform", "mdl:diag"]
+    for name in ("comparison.json", "comparison.csv", "comparison.md", "comparison.png", "run.json", "scores/diag.json"):
+        assert (out / name).is_file(), name
+    uni, mdl = res.cells
+    assert set(uni.ratios.values()) == {0.5}
+    # MDL ratios differ per block but meet the target weighted by prunable weights
+    from layercap.models import find_blocks, load_model
+
+    model, tok = load_model(str(tmp / "m"))
+    blocks = find_blocks(model)
+    N = np.array([b.num_prunable for b in blocks], float)
+    rho = np.array([mdl.ratios[b.name] for b in blocks])
+    assert abs(float(N @ rho / N.sum()) - 0.5) < 1e-6 and rho.std() > 1e-4
+    for c in res.cells:  # Wanda prunes exactly the requested share of each Linear (row-wise rounding)
+        assert c.achieved == pytest.approx(0.5, abs=0.01)
+
+    # independent recomputation of one cell: same calibration, same ratios -> same perplexity
+    from layercap.apply.prune import prune_model
+    from layercap.data.calibration import calibration_set
+    from layercap.evaluate import perplexity
+
+    calib = calibration_set(tok, kw["data"], nsamples=4, seqlen=32, seed=0)
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, mdl.ratios, method="wanda", calib=calib, batch_size=4, progress=False)
+    ppl = perplexity(pruned, tok, kw["ppl"][0], seqlen=64, max_tokens=200, progress=False)
+    assert mdl.eval.ppl["text.txt"].ppl == pytest.approx(ppl.ppl, rel=1e-6)
+
+    # outputs: json round trip, csv rows, markdown rows
+    back = Comparison.load(out / "comparison.json")
+    assert back.to_dict() == res.to_dict()
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["rule"] for r in rows] == ["dense", "uniform", "mdl:diag"]
+    assert float(rows[2]["ppl:text.txt"]) == pytest.approx(mdl.eval.ppl["text.txt"].ppl)
+    md = (out / "comparison.md").read_text()
+    assert md.count("\n") == 2 + 3 and "| dense |" in md and "| mdl:diag | wanda | 0.5 |" in md
+
+    # rerun: finished cells are reused (pruning would fail), a new rule adds only its cells
+    import layercap.apply.prune as prune_pkg
+
+    calls = []
+    real = prune_pkg.prune_model
+    monkeypatch.setattr(prune_pkg, "prune_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_comparison(str(tmp / "m"), ["uniform", "mdl:diag", "owl"], ["wanda"], [0.5], out, **kw)
+    assert len(calls) == 1 and [c.label for c in again.cells] == ["uniform", "mdl:diag", "owl"]
+    assert again.cells[1].to_dict() == mdl.to_dict()
+
+    # other shared settings into the same OUTDIR: refused before any work
+    with pytest.raises(LayercapError, match="other settings"):
+        run_comparison(str(tmp / "m"), ["uniform"], ["wanda"], [0.5], out, **{**kw, "nsamples": 6})
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(rules=["bogus"]), "unknown"),
+        (dict(methods=["prunezilla"]), "pruner"),
+        (dict(sparsities=[0.95]), "must lie"),
+        (dict(data="missing.txt"), "does not exist"),
+        (dict(tasks=["missing.jsonl"]), "does not exist"),
+        (dict(rules=["owl", "owl"]), "twice"),
+    ],
+)
+def test_bad_input_writes_nothing(setup, override, match):
+    tmp, kw = setup
+    args = dict(rules=["uniform"], methods=["wanda"], sparsities=[0.5])
+    args.update({k: v for k, v in override.items() if k in args})
+    kw = {**kw, **{k: (tmp / v if isinstance(v, str) else [tmp / x for x in v]) for k, v in override.items() if k in ("data", "tasks")}}
+    with pytest.raises(LayercapError, match=match):
+        run_comparison(str(tmp / "m"), args["rules"], args["methods"], args["sparsities"], tmp / "cmp", **kw)
+    assert not (tmp / "cmp").exists()
+
+
+def test_cli_compare_pruning(setup, capsys):
+    from layercap.cli import main
+
+    tmp, kw = setup
+    rc = main([
+        "compare-pruning", str(tmp / "m"), "--sparsity", "0.5", "--methods", "magnitude", "--rules", "uniform", "alphapruning",
+        "--data", str(kw["data"]), "--nsamples", "4", "--seqlen", "32", "--ppl", str(kw["ppl"][0]), "--eval-seqlen", "64",
+        "--max-tokens", "200", "--tasks", str(kw["tasks"][0]), "-o", str(tmp / "cli"), "--quiet",
+    ])
+    assert rc == 0
+    assert "| alphapruning | magnitude | 0.5 |" in capsys.readouterr().out
+    assert (tmp / "cli" / "scores" / "alpha-hill.json").is_file()
+    rc = main(["compare-pruning", str(tmp / "m"), "--rules", "mdl:nope", "--data", str(kw["data"]), "--ppl", str(kw["ppl"][0]), "-o", str(tmp / "bad")])
+    assert rc == 2 and not (tmp / "bad").exists()
+
+
+def test_report_only_collects_finished_cells(setup, tmp_path):
+    from layercap.cli import main
+    from layercap.evaluate.comparison import collect
+
+    tmp, kw = setup
+    out = tmp / "cmp"
+    run_comparison(str(tmp / "m"), ["mdl:diag", "uniform"], ["magnitude"], [0.5], out, **kw)
+    run_comparison(str(tmp / "m"), ["uniform"], ["magnitude"], [0.6], out, **kw)
+    got = collect(out)
+    assert [(c.label, c.sparsity) for c in got.cells] == [("uniform", 0.5), ("mdl:diag", 0.5), ("uniform", 0.6)]
+    (out / "comparison.md").unlink()
+    assert main(["compare-pruning", str(tmp / "m"), "-o", str(out), "--report-only"]) == 0
+    assert (out / "comparison.md").read_text().count("| uniform | magnitude |") == 2
+    assert main(["compare-pruning", str(tmp / "m"), "-o", str(tmp / "none"), "--report-only"]) == 2
+    assert main(["compare-pruning", str(tmp / "m"), "-o", str(tmp / "none2"), "--ppl", str(kw["ppl"][0])]) == 2  # no --data

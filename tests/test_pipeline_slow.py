@@ -1,0 +1,52 @@
+"""`layercap run` on the real SmolLM2-135M (the default config, cut down to fit a few minutes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from layercap.pipeline.config import load_config
+from layercap.pipeline.run import run_pipeline
+
+SMALL = [
+    "model.device=cpu",
+    "data.nsamples=4", "data.seqlen=128",
+    "scoring.methods=[gradnorm,kfac,alpha-hill,owl]",
+    "allocation.budget=60",
+    "pruning.save_checkpoints=false",  # the tiny end-to-end test covers saved checkpoints
+    "evaluation.ppl_tokens=1024", "evaluation.tasks=[ARC-Easy]", "evaluation.limit=10",
+]
+
+
+@pytest.mark.slow
+def test_default_job_on_smollm2(shared_data, tmp_path):
+    config = load_config(None, SMALL + [f"data.root={shared_data}"])
+    run_dir = tmp_path / "smollm2"
+    summary = run_pipeline(config, run_dir)
+    assert summary.skipped == []
+    load = lambda rel: json.loads((run_dir / rel).read_text())
+
+    model = load("model.json")
+    assert len(model["blocks"]) == 30 and model["num_params"] > 100e6
+    for rule in config.allocation.rules:
+        n = np.array([layer["n"] for layer in load(f"allocation/{rule}.json")["layers"]])
+        assert n.sum() == 60 and n.min() >= 1, rule
+    prunable = np.array([b["prunable"] for b in model["blocks"]], dtype=float)
+    for rule in config.pruning.rules:
+        rho = np.array([layer["ratio"] for layer in load(f"ratios/{rule}.json")["layers"]])
+        assert abs(rho @ prunable / prunable.sum() - 0.5) < 1e-6, rule
+    mdl = np.array([layer["ratio"] for layer in load("ratios/mdl.json")["layers"]])
+    assert mdl.std() > 1e-3  # real scores differ across blocks, so MDL ratios are not uniform
+
+    dense, pruned = load("eval/dense.json"), {r: load(f"eval/{r}.json") for r in ("mdl", "uniform")}
+    ppl = dense["perplexity"]["wiki.test.raw"]
+    assert 10 < ppl < 80  # data README: about 30 on 2048 tokens
+    for rule, ev in pruned.items():
+        assert ev["perplexity"]["wiki.test.raw"] > ppl, rule  # 50% pruning hurts
+        assert abs(load(f"pruned/{rule}.json")["sparsity"] - 0.5) < 0.005
+    assert not (run_dir / "pruned/mdl").exists()  # save_checkpoints false
+    md = (run_dir / "report.md").read_text()
+    assert f"{ppl:.2f}" in md and "| mdl |" in md and "report_files/ratios.png" in md
