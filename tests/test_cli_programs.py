@@ -77,6 +77,7 @@ def test_prune_ratios(scores, capsys):
     assert main(["prune-ratios", str(scores / "s.json"), "--sparsity", "0.5", "-o", str(out), "--csv"]) == 0
     r = PruningRatios.load(out)
     assert r.mode == "exact" and abs(r.achieved - 0.5) < 1e-12 and (scores / "r.csv").exists()
+    assert r.rho.max() <= 0.95  # default cap: never a whole block removed
     assert "achieved 0.5000000000" in capsys.readouterr().out
     for rule in ("uniform", "owl", "alphapruning", "layerif"):
         assert main(["prune-ratios", str(scores / "s.json"), "--sparsity", "0.4", "--rule", rule,

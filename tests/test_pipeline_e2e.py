@@ -21,7 +21,6 @@ import pytest
 import torch
 import yaml
 
-from layercap.io import sha256_file
 from layercap.pipeline.config import load_config
 from layercap.pipeline.manifest import TEST_HOOK_ENV, hash_output
 from layercap.pipeline.run import run_pipeline

@@ -85,6 +85,33 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_json(path: str | os.PathLike, what: str = "file", hint: str = "") -> Any:
+    """Parse a JSON file; a missing or malformed file raises LayercapError naming ``what`` and ``hint``."""
+    from layercap.errors import LayercapError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LayercapError(f"{what} {str(path)!r} does not exist. {hint}".rstrip())
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LayercapError(f"{path}: not valid JSON ({exc}). {hint}".rstrip()) from exc
+
+
+def parse_jsonl(text: str, source: str | os.PathLike) -> list[Any]:
+    """Records of a JSON-lines text (blank lines skipped); a bad line raises LayercapError with its number."""
+    from layercap.errors import LayercapError
+
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise LayercapError(f"{source}: line {i} is not JSON ({exc}); expected one JSON object per line.") from exc
+    return records
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_write_json
+from layercap.io import atomic_write_json, read_json
 from layercap.models.load import model_source
 
 SCHEMA = "layercap.finetune/v1"
@@ -161,13 +161,7 @@ class FinetuneResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FinetuneResult":
-        path = Path(path)
-        if not path.is_file():
-            raise LayercapError(f"{path} not found; run `layercap finetune` first.")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path} is not valid JSON ({exc}).") from exc
+        return cls.from_dict(read_json(path, "fine-tuning result", "Run `layercap finetune` first."))
 
 
 def _no_nan(obj):

@@ -28,7 +28,6 @@ against a Python loop over experts (:meth:`LoraMoELinear.forward_loop`, the refe
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_directory, atomic_write_json
+from layercap.io import atomic_directory, atomic_write_json, read_json
 from layercap.models import find_blocks, linear_weight
 from layercap.models.load import model_source
 
@@ -325,13 +324,7 @@ class LoraMoEConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LoraMoEConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise LayercapError(f"LoRA-MoE config {path} not found; pass the adapter directory written by finetune.")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path} is not valid JSON ({exc}).") from exc
+        return cls.from_dict(read_json(path, "LoRA-MoE config", "Pass the adapter directory written by `layercap finetune`."))
 
 
 def apply_lora_moe(model: nn.Module, config: LoraMoEConfig) -> dict[str, LoraMoELinear]:

@@ -8,11 +8,11 @@ failed run leaves no OUTDIR behind (or the previous one intact).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from layercap.errors import LayercapError
+from layercap.io import read_json
 
 NAME = "prune"
 
@@ -49,13 +49,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def read_ratios(path: str) -> dict[str, float]:
     """Ratios by name from a ``layercap.ratios/v1`` file or a plain JSON object {name: ratio}."""
-    file = Path(path)
-    if not file.is_file():
-        raise LayercapError(f"--ratios {path!r} does not exist; create one with `layercap prune-ratios SCORES --sparsity 0.5 -o ratios.json`.")
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LayercapError(f"--ratios {path}: invalid JSON ({exc}).") from exc
+    doc = read_json(path, "--ratios", "Create one with `layercap prune-ratios SCORES --sparsity 0.5 -o ratios.json`.")
     if isinstance(doc, dict) and "schema" in doc:
         from layercap.programs.records import PruningRatios
 

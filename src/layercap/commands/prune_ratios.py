@@ -23,7 +23,8 @@ def add_pruning_options(p: argparse.ArgumentParser, sparsity_required: bool = Tr
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the curvature term (at-least mode only; default 1)")
     p.add_argument("--bits", type=float, default=16, help="bits per retained weight (at-least mode only; default 16)")
     p.add_argument("--min-ratio", type=float, default=0.0, help="lowest per-layer ratio (default 0)")
-    p.add_argument("--max-ratio", type=float, default=1.0, help="highest per-layer ratio (default 1)")
+    # below 1: a ratio of 1 would remove a whole block, which `layercap prune` refuses
+    p.add_argument("--max-ratio", type=float, default=0.95, help="highest per-layer ratio (default 0.95)")
 
 
 def register(subparsers) -> argparse.ArgumentParser:

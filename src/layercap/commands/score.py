@@ -10,12 +10,12 @@ all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
 
 from layercap.errors import LayercapError
+from layercap.io import read_json
 
 NAME = "score"
 BUILTIN = ("gradnorm", "diag", "kfac", "ekfac", "exact")
@@ -61,13 +61,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def read_groups(path: str) -> dict[str, str]:
-    file = Path(path)
-    if not file.is_file():
-        raise LayercapError(f"--groups {path!r} does not exist; pass a JSON object like {{\"attn\": \"self_attn\", \"mlp\": \"mlp\"}}.")
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LayercapError(f"--groups {path}: invalid JSON ({exc}).") from exc
+    doc = read_json(path, "--groups", 'Pass a JSON object like {"attn": "self_attn", "mlp": "mlp"}.')
     if not isinstance(doc, dict) or not doc or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
         raise LayercapError(f"--groups {path}: expected a non-empty JSON object mapping group names to regex strings.")
     return doc

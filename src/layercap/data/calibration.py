@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from layercap.errors import LayercapError
-from layercap.io import sha256_bytes
+from layercap.io import parse_jsonl, sha256_bytes
 
 TEXT_SUFFIXES_SKIPPED = {".md", ".sha256"}
 
@@ -91,13 +91,7 @@ def read_text(path: str | Path) -> str:
         records = doc if isinstance(doc, list) else [doc]
         return "\n\n".join(_record_text(r) for r in records)
     if path.suffix == ".jsonl":
-        records = []
-        for i, line in enumerate(raw.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise LayercapError(f"{path}: line {i} is not JSON ({exc}).") from exc
+        records = parse_jsonl(raw, path)
         return "\n\n".join(_record_text(r) for r in records)
     return raw.replace("\r\n", "\n")
 

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layercap.errors import LayercapError
-from layercap.io import sha256_bytes, sha256_file
+from layercap.io import parse_jsonl, sha256_bytes, sha256_file
 
 # Evaluation split of a task directory, first match wins (MRPC dev is special-cased).
 EVAL_SPLITS = (
@@ -192,13 +192,7 @@ def _load_file(path: Path, name: str) -> tuple[list[MCItem], str]:
             return [_generic(r, path, i) for i, r in enumerate(doc)], "generic"
         return _format_a(doc, path, name)
     if head == "{":
-        records = []
-        for i, line in enumerate(raw.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise LayercapError(f"{path}: line {i} is not JSON ({exc}); expected JSON lines.") from exc
+        records = parse_jsonl(raw, path)
         if all("context" in r for r in records):
             return [_generic(r, path, i) for i, r in enumerate(records)], "generic"
         if all("question" in r and "choices" in r for r in records):

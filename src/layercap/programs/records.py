@@ -27,7 +27,6 @@ No torch here (programs/ is numpy only).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_write_csv, atomic_write_json
+from layercap.io import atomic_write_csv, atomic_write_json, read_json
 
 ALLOCATION_SCHEMA = "layercap.allocation/v1"
 RATIOS_SCHEMA = "layercap.ratios/v1"
@@ -48,14 +47,7 @@ PROGRAMS = ("allocation", "pruning")
 
 # ---- validation helpers -------------------------------------------------------------------
 def _read_json(path: str | Path, what: str, hint: str) -> tuple[dict, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise LayercapError(f"{what} file {str(path)!r} does not exist. {hint}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LayercapError(f"{path}: not valid JSON ({exc}). Expected a layercap {what} file. {hint}") from exc
-    return doc, str(path)
+    return read_json(path, f"{what} file", f"Expected a layercap {what} file. {hint}"), str(path)
 
 
 def _obj(doc: Any, src: str, schema: str) -> dict:

@@ -7,14 +7,13 @@ mask plus any weight that was already exactly zero). Per block and overall: the 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_write_json
+from layercap.io import atomic_write_json, read_json
 
 PRUNING_SCHEMA = "layercap.pruning/v1"
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -163,13 +162,7 @@ class PruningReport:
 
     @classmethod
     def load(cls, path: str | Path) -> "PruningReport":
-        path = Path(path)
-        if not path.is_file():
-            raise LayercapError(f"pruning report {str(path)!r} does not exist; `layercap prune ... -o DIR` writes DIR/pruning.json.")
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path}: invalid JSON ({exc}).") from exc
+        doc = read_json(path, "pruning report", "`layercap prune ... -o DIR` writes DIR/pruning.json.")
         return cls.from_dict(doc, str(path))
 
     def table(self) -> str:
