@@ -110,6 +110,11 @@ def test_config_table_documents_every_field():
             assert f.metadata["doc"]
 
 
+def test_readme_config_table_is_current():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert config_table().strip() in readme, "regenerate the README table with layercap.pipeline.config.config_table()"
+
+
 def test_cli_rejects_a_bad_config_before_writing_anything(tmp_path, capsys):
     from layercap.cli import main
 
