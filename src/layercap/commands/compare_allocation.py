@@ -34,11 +34,13 @@ from typing import Any
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
 from layercap.models.load import model_source
+from layercap.programs.rules import ALLOCATION_RULES, RULE_SOURCES
 
 NAME = "compare-allocation"
 SCHEMA = "layercap.allocation_comparison/v1"
-DEFAULT_SOURCE = {"mdl": "kfac", "proportional": "kfac", "layerif": "influence", "alphalora": "alpha-hill"}
 NO_SCORES = ("uniform", "mola-2468", "mola-8642", "mola-5555")
+# rule -> the score source it reads by default: baselines their own (programs.rules), mdl/proportional K-FAC zeta^2
+DEFAULT_SOURCE = {rule: RULE_SOURCES.get(rule, "kfac") for rule in ALLOCATION_RULES if rule not in NO_SCORES}
 
 
 @dataclass(frozen=True)

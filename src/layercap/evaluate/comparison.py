@@ -28,10 +28,12 @@ from pathlib import Path
 from layercap.errors import LayercapError
 from layercap.evaluate import EvalResult, evaluate_model
 from layercap.io import atomic_write_csv, atomic_write_json, atomic_write_text, sha256_json
+from layercap.programs.rules import PRUNING_RULES, RULE_SOURCES
 
 SCHEMA = "layercap.comparison/v1"
 CELL_SCHEMA = "layercap.comparison_cell/v1"
-DEFAULT_SOURCE = {"uniform": None, "owl": "owl", "alphapruning": "alpha-hill", "layerif": "influence", "mdl": "kfac"}
+# rule -> the score source it reads by default: baselines their own (programs.rules), mdl K-FAC zeta^2
+DEFAULT_SOURCE = {rule: None if rule == "uniform" else RULE_SOURCES.get(rule, "kfac") for rule in PRUNING_RULES}
 PRUNERS = ("wanda", "sparsegpt", "magnitude")
 
 

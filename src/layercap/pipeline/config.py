@@ -34,13 +34,9 @@ ALLOCATION_RULES = _rules.ALLOCATION_RULES
 RATIO_RULES = _rules.PRUNING_RULES
 # The score source each baseline rule reads. The others read the section's `scores` (mdl,
 # proportional) or use it only for the block names and sizes (uniform, MoLA patterns).
-RULE_SOURCES = {
-    ("allocation", "alphalora"): "alpha-hill",
-    ("allocation", "layerif"): "influence",
-    ("pruning", "owl"): "owl",
-    ("pruning", "alphapruning"): "alpha-hill",
-    ("pruning", "layerif"): "influence",
-}
+RULE_SOURCES = {(section, rule): _rules.RULE_SOURCES[rule]
+                for section, rules in (("allocation", ALLOCATION_RULES), ("pruning", RATIO_RULES))
+                for rule in rules if rule in _rules.RULE_SOURCES}
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +34,7 @@ from layercap.io import atomic_directory, atomic_write_bytes, atomic_write_json
 from layercap.models.load import model_source, set_model_source
 from layercap.pipeline.config import RULE_SOURCES, PipelineConfig
 from layercap.pipeline.manifest import StageRunner, hash_output
+from layercap.scores.api import versions as _versions
 
 EVAL_SCHEMA = "layercap.run-eval/v1"
 PRUNED_SCHEMA = "layercap.run-pruned/v1"
@@ -67,16 +67,6 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from layercap import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "layercap": __version__}
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -455,13 +445,13 @@ def report_inputs(ctx: RunContext) -> dict[str, Any]:
     """Every finished stage's record (artefact hashes and timings) plus the report settings."""
     records = {name: rec.to_dict() for name, rec in ctx.runner.manifest.stages.items() if name != "report"}
     return {"report": {"title": ctx.config.report.title, "html": ctx.config.report.html}, "stages": records,
-            "config": ctx.config.to_dict(), "versions": versions()}
+            "config": ctx.config.to_dict(), "versions": _versions()}
 
 
 def stage_report(ctx: RunContext) -> list[str]:
     from layercap.report.build import write_report
 
-    return write_report(ctx.run_dir, title=ctx.config.report.title, html=ctx.config.report.html, versions=versions())
+    return write_report(ctx.run_dir, title=ctx.config.report.title, html=ctx.config.report.html, versions=_versions())
 
 
 # ---- preflight -----------------------------------------------------------------------------------------

@@ -58,13 +58,14 @@ MOLA_PATTERNS = {"mola-2468": (2, 4, 6, 8), "mola-8642": (8, 6, 4, 2), "mola-555
 OWL_LAMBDA = 0.08
 ALPHA_EPS = 0.3
 
-# the score source each rule expects in scores.method (None: any curvature method)
-_SOURCE = {"alphalora": "alpha-hill", "alphapruning": "alpha-hill", "owl": "owl", "layerif": "influence"}
+# the score source each baseline rule reads (scores.method); rules not named here read
+# curvature scores (zeta^2: mdl, proportional) or none (uniform, the MoLA patterns)
+RULE_SOURCES = {"alphalora": "alpha-hill", "alphapruning": "alpha-hill", "owl": "owl", "layerif": "influence"}
 _BASELINE_SOURCES = ("alpha-hill", "owl")
 
 
 def _source_warning(rule: str, scores: LayerScores) -> list[str]:
-    want = _SOURCE.get(rule)
+    want = RULE_SOURCES.get(rule)
     got = scores.method
     if want is not None and got != want:
         return [f"rule {rule!r} expects scores from method {want!r} but the scores file says {got!r}; "
