@@ -6,15 +6,21 @@ updating block k alone. For every block k this script measures two ground truths
 (a) Newton: the damped Newton step d_k = -(C_k + lambda_k I)^{-1} g_k of each curvature method
     whose step is available here (gradnorm: d = -g; diag; kfac: in the Kronecker eigenbasis,
     non-Linear parameters diagonal; built from the scoring engine's ``fisher_pass`` statistics
-    with the same damping rule), applied to block k alone. The true change of the mean token NLL
-    is measured on the statistics windows (where zeta^2 / 2 is the prediction) and on held-out
-    windows. ekfac and exact steps are not reconstructed here (their zeta^2 is still scored).
+    with the same damping rule; exact: the conjugate-gradient solution of the engine's ``exact``
+    method itself), applied to block k alone. The true change of the mean token NLL is measured
+    on the statistics windows (where zeta^2 / 2 is the prediction) and on held-out windows, for
+    the full step (t = 1) and with a line search: the step is scaled by t in ``--scales``, the t
+    with the largest reduction on the statistics windows is kept ("newton_ls"), and the held-out
+    reduction is measured at that t. At scale t the quadratic model predicts a decrease of
+    zeta^2 * t * (1 - t / 2). The ekfac step is not reconstructed here (its zeta^2 is scored).
 (b) Optimiser: a fixed budget of ``--steps`` full-batch Adam steps (same lr for every block) on
     block k only, starting from the pretrained weights; loss reduction on the statistics windows
     and on held-out windows.
 
-It then reports the Spearman rank correlation between each method's zeta_k^2 (gradnorm, diag,
-kfac, ekfac, exact) and each ground truth, and, for context, the baseline score sources
+Method names take an optional Fisher flavour, ``diag:true`` or ``kfac:empirical`` (labels sampled
+from the model or observed); without one, ``--fisher`` applies (default empirical, as ``layercap
+score``). It then reports the Spearman rank correlation between each method's zeta_k^2 (gradnorm,
+diag, kfac, ekfac, exact) and each ground truth, and, for context, the baseline score sources
 (alpha-hill, owl, influence) against the same ground truths. Statistics windows and held-out
 windows come from disjoint halves of the corpus.
 
@@ -55,7 +61,19 @@ from layercap.io import atomic_write_json, sha256_bytes
 SCHEMA = "layercap.validate_gains/v1"
 CURVATURE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact")
 BASELINES = ("alpha-hill", "owl", "influence")
-STEP_METHODS = ("gradnorm", "diag", "kfac")
+STEP_METHODS = ("gradnorm", "diag", "kfac", "exact")
+FISHER_AWARE = ("diag", "kfac", "ekfac")  # methods whose curvature depends on the Fisher flavour
+DEFAULT_SCALES = (1.0, 0.25, 0.0625, 0.015625, 0.00390625, 0.0009765625)
+
+
+def parse_spec(spec: str, default_fisher: str) -> tuple[str, str]:
+    """'kfac:true' -> ('kfac', 'true'); 'diag' -> ('diag', default_fisher)."""
+    base, _, fisher = spec.partition(":")
+    if fisher and base not in FISHER_AWARE:
+        raise LayercapError(f"{spec!r}: only {', '.join(FISHER_AWARE)} take a Fisher flavour.")
+    if fisher and fisher not in ("empirical", "true"):
+        raise LayercapError(f"{spec!r}: the Fisher flavour is 'empirical' or 'true'.")
+    return base, fisher or default_fisher
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -88,29 +106,31 @@ def mean_nll(model, calib: CalibrationSet, batch_size: int, device) -> float:
 
 
 # ---- Newton steps from the engine's statistics ------------------------------------------------------
-def newton_steps(model, groups, calib, options, kinds=STEP_METHODS) -> dict[str, dict[str, Any]]:
-    """Per method: {"steps": [ {param_name: step tensor} per group ], "zeta2": (K,) g^T (-d)}."""
+def newton_step(model, groups, calib, options, kind: str) -> dict[str, Any]:
+    """The damped Newton step of method ``kind`` (gradnorm, diag, kfac, exact) for every group:
+    {"steps": [{param_name: step tensor} per group], "zeta2": (K,) g^T (-d)}. ``options.fisher``
+    sets the Fisher flavour of diag and kfac."""
     from layercap.scores.engine import make_context, unique_params
     from layercap.scores.methods import (
         damping_value, eig_psd, fisher_pass, is_conv1d, kron_linears, linear_param_ids,
     )
 
-    out: dict[str, dict[str, Any]] = {}
-    if "gradnorm" in kinds or "diag" in kinds:
-        stats = fisher_pass(model, groups, make_context(calib, options, "validate-diag", groups, model), linears={})
-        if "gradnorm" in kinds:
-            steps = [{n: -stats.g[n] for n, _ in grp.params} for grp in groups]
-            out["gradnorm"] = {"steps": steps}
-        if "diag" in kinds:
-            steps = []
-            for grp in groups:
-                trace = sum(float(stats.fisher_diag[n].double().sum()) for n, _ in grp.params)
-                lam = damping_value(options, trace, grp.num_params)
-                steps.append({n: -stats.g[n] / (stats.fisher_diag[n].clamp_min(0) + lam) for n, _ in grp.params})
-            out["diag"] = {"steps": steps}
-        grads = stats.g
-        del stats
-    if "kfac" in kinds:
+    if kind == "exact":
+        from layercap.scores.exact import exact_solutions
+
+        zetas, info, solutions = exact_solutions(model, groups, calib, options, keep_solutions=True)
+        return {"steps": [{n: -x for n, x in sol.items()} for sol in solutions], "zeta2": zetas.tolist(), "info": info}
+    if kind in ("gradnorm", "diag"):
+        stats = fisher_pass(model, groups, make_context(calib, options, f"validate-{kind}", groups, model), linears={})
+        steps = []
+        for grp in groups:
+            if kind == "gradnorm":
+                steps.append({n: -stats.g[n] for n, _ in grp.params})
+                continue
+            trace = sum(float(stats.fisher_diag[n].double().sum()) for n, _ in grp.params)
+            lam = damping_value(options, trace, grp.num_params)
+            steps.append({n: -stats.g[n] / (stats.fisher_diag[n].clamp_min(0) + lam) for n, _ in grp.params})
+    elif kind == "kfac":
         linears = kron_linears(groups)
         stats = fisher_pass(model, groups, make_context(calib, options, "validate-kfac", groups, model), linears)
         names, params = unique_params(groups)
@@ -143,26 +163,41 @@ def newton_steps(model, groups, calib, options, kinds=STEP_METHODS) -> dict[str,
                     step[pnames[id(bias)]] = d[:, -1].float()
             steps.append(step)
             del bases
-        out["kfac"] = {"steps": steps}
-        grads = stats.g
-    for kind, rec in out.items():
-        # g^T (-d) must equal the engine's zeta^2 of the same method: a self-check of the step
-        rec["zeta2"] = [sum(float((grads[n].double() * -d.double()).sum()) for n, d in st.items()) for st in rec["steps"]]
-    return out
+    else:
+        raise LayercapError(f"no Newton step for {kind!r}; choose from {STEP_METHODS}.")
+    # g^T (-d) must equal the engine's zeta^2 of the same method: a self-check of the step
+    zeta2 = [sum(float((stats.g[n].double() * -d.double()).sum()) for n, d in st.items()) for st in steps]
+    return {"steps": steps, "zeta2": zeta2}
 
 
 @torch.no_grad()
-def measure_step(model, group, step: dict[str, torch.Tensor], datasets, batch_size, device) -> list[float]:
-    """Apply ``step`` to the group's parameters, measure the mean NLL on each dataset, restore."""
+def measure_step(model, group, step: dict[str, torch.Tensor], datasets, batch_size, device, scale: float = 1.0) -> list[float]:
+    """Apply ``scale * step`` to the group's parameters, measure the mean NLL on each dataset, restore."""
     params = dict(group.params)
     saved = {n: params[n].detach().clone() for n in step}
     try:
         for n, s in step.items():
-            params[n].add_(s.to(params[n].device, params[n].dtype))
+            params[n].add_(s.to(params[n].device, params[n].dtype), alpha=scale)
         return [mean_nll(model, d, batch_size, device) for d in datasets]
     finally:
         for n, w in saved.items():
             params[n].copy_(w)
+
+
+def line_search(model, group, step, stats_set, heldout, base: list[float], scales, batch_size, device) -> dict[str, float]:
+    """Reductions (nats/token) of the step at t = 1 on both sets, the best t in ``scales`` on the
+    statistics windows, and the held-out reduction at that t."""
+    full = measure_step(model, group, step, [stats_set, heldout], batch_size, device)
+    best_t, best = 1.0, base[0] - full[0]
+    for t in scales:
+        if t == 1.0:
+            continue
+        red = base[0] - measure_step(model, group, step, [stats_set], batch_size, device, scale=t)[0]
+        if red > best:
+            best_t, best = t, red
+    held = full[1] if best_t == 1.0 else measure_step(model, group, step, [heldout], batch_size, device, scale=best_t)[0]
+    return {"stats": base[0] - full[0], "heldout": base[1] - full[1], "ls_stats": best, "ls_heldout": base[1] - held,
+            "ls_scale": best_t}
 
 
 def optimiser_reduction(model, group, calib, datasets, steps: int, lr: float, optimiser: str, batch_size: int, device) -> list[float]:
@@ -207,7 +242,9 @@ class GainsValidation:
     groups: list[str]
     base_loss: dict[str, float]  # {"stats", "heldout"}
     scores: dict[str, list[float]]  # method -> (K,) zeta2 (or baseline score)
-    newton: dict[str, dict[str, list[float]]]  # method -> {"stats", "heldout"} (K,) loss reduction of its step
+    # method -> {"stats", "heldout": (K,) loss reduction of its full step; "ls_stats", "ls_heldout",
+    # "ls_scale": line-searched reduction and the chosen t; "zeta2_of_step": g^T(-d)}
+    newton: dict[str, dict[str, list[float]]]
     optimiser: dict[str, list[float]] | None  # {"stats", "heldout"} (K,) loss reduction after the step budget
     spearman: dict[str, dict[str, float]]  # method -> {truth: rho}
     settings: dict[str, Any] = field(default_factory=dict)
@@ -245,6 +282,9 @@ def correlations(scores: dict[str, list[float]], newton, optimiser) -> dict[str,
         for nm, red in newton.items():
             for split in ("stats", "heldout"):  # (red also holds "zeta2_of_step")
                 row[f"newton[{nm}]_{split}"] = spearman(z, red[split])
+            for split in ("stats", "heldout"):
+                if f"ls_{split}" in red:
+                    row[f"newton_ls[{nm}]_{split}"] = spearman(z, red[f"ls_{split}"])
         out[m] = row
     return out
 
@@ -328,13 +368,21 @@ def run(args) -> GainsValidation:
     stats_set, heldout = disjoint_windows(tok, args.data, args.nsamples, args.seqlen, args.seed)
     groups = param_groups(model, "block")
     names = [g.name for g in groups]
-    options = ScoreOptions(batch_size=args.batch_size, damping=args.damping, seed=args.seed, device=str(device))
     datasets = [stats_set, heldout]
     base = [mean_nll(model, d, args.batch_size, device) for d in datasets]
     timings["setup"] = time.perf_counter() - t0
 
-    key = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "seed", "damping", "exact_nsamples", "exact_seqlen",
-                                         "cg_max_iter", "cg_tol", "influence_aggregate", "steps", "lr", "optimiser")}
+    def options_for(spec: str) -> ScoreOptions:
+        _, fisher = parse_spec(spec, args.fisher)
+        return ScoreOptions(batch_size=args.batch_size, damping=args.damping, seed=args.seed, device=str(device),
+                            fisher=fisher, cg_max_iter=args.cg_max_iter, cg_tol=args.cg_tol)
+
+    # exact is matrix-free CG (every iteration a pass over the data): optionally on a subset
+    exact_ids = stats_set.input_ids[: args.exact_nsamples or None, : args.exact_seqlen or None]
+    exact_calib = CalibrationSet(exact_ids, sha256_bytes(exact_ids.numpy().tobytes()), stats_set.source, stats_set.seed)
+
+    key = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "seed", "damping", "fisher", "scales", "exact_nsamples",
+                                         "exact_seqlen", "cg_max_iter", "cg_tol", "influence_aggregate", "steps", "lr", "optimiser")}
     key.update({"stats_sha256": stats_set.sha256, "heldout_sha256": heldout.sha256})
     progress = Progress(Path(str(args.out) + ".partial.json"), key, args.resume)
     if args.merge:
@@ -342,46 +390,46 @@ def run(args) -> GainsValidation:
     state = progress.state
     timings.update(state["wall_time_s"])
     scores: dict[str, list[float]] = state["scores"]
-    for method in args.methods:
-        if method in scores or args.no_compute:
-            continue
+    for spec in args.methods:
+        method, _ = parse_spec(spec, args.fisher)
+        if spec in scores or args.no_compute or (method == "exact" and "exact" in args.newton):
+            continue  # (exact with its Newton step: scored once, in the Newton phase below)
         t = time.perf_counter()
-        opts = ScoreOptions(batch_size=args.batch_size, damping=args.damping, seed=args.seed, device=str(device),
-                            cg_max_iter=args.cg_max_iter, cg_tol=args.cg_tol)
-        calib = stats_set
-        if method == "exact":  # matrix-free CG: every iteration is a pass over the data
-            ids = stats_set.input_ids[: args.exact_nsamples, : args.exact_seqlen]
-            calib = CalibrationSet(ids, sha256_bytes(ids.numpy().tobytes()), stats_set.source, stats_set.seed)
+        opts = options_for(spec)
+        calib = exact_calib if method == "exact" else stats_set
         if method == "influence":
             opts.extra = {"validation": heldout, "aggregate": args.influence_aggregate}
-        print(f"scoring {method} ...", file=sys.stderr, flush=True)
-        scores[method] = score_model(model, method, calib, options=opts).zeta2.tolist()
-        timings[f"score:{method}"] = time.perf_counter() - t
+        print(f"scoring {spec} ...", file=sys.stderr, flush=True)
+        scores[spec] = score_model(model, method, calib, options=opts).zeta2.tolist()
+        timings[f"score:{spec}"] = time.perf_counter() - t
         state["wall_time_s"] = timings
         progress.save()
 
     newton: dict[str, dict[str, list[float]]] = state["newton"]
-    todo = [m for m in STEP_METHODS if m in args.newton and m not in newton]
-    if todo and not args.no_compute:
+    for spec in [m for m in args.newton if m not in newton and not args.no_compute]:
+        kind, _ = parse_spec(spec, args.fisher)
         t = time.perf_counter()
-        steps = newton_steps(model, groups, stats_set, options, todo)
-        timings["newton:statistics"] = time.perf_counter() - t
+        rec = newton_step(model, groups, exact_calib if kind == "exact" else stats_set, options_for(spec), kind)
+        timings[f"newton:{spec}:statistics"] = time.perf_counter() - t
         t = time.perf_counter()
-        for kind, rec in steps.items():
-            red = {"stats": [], "heldout": []}
-            for grp, step in tqdm(list(zip(groups, rec["steps"])), desc=f"newton step {kind}", unit="block", file=sys.stderr):
-                after = measure_step(model, grp, step, datasets, args.batch_size, device)
-                red["stats"].append(base[0] - after[0])
-                red["heldout"].append(base[1] - after[1])
-            red["zeta2_of_step"] = rec["zeta2"]  # g^T(-d): equals the engine's zeta2 (self-check)
-            newton[kind] = red
-            if kind in scores:
-                ref, mine = np.asarray(scores[kind]), np.asarray(rec["zeta2"])
-                print(f"self-check {kind}: max rel diff of g^T(-d) vs engine zeta2 = "
-                      f"{np.max(np.abs(mine - ref) / np.maximum(ref, 1e-30)):.2e}", file=sys.stderr)
-            progress.save()
-        del steps
-        timings["newton:measure"] = time.perf_counter() - t
+        red: dict[str, list[float]] = {}
+        for grp, step in tqdm(list(zip(groups, rec["steps"])), desc=f"newton step {spec}", unit="block", file=sys.stderr):
+            for name, value in line_search(model, grp, step, stats_set, heldout, base, args.scales, args.batch_size, device).items():
+                red.setdefault(name, []).append(value)
+        red["zeta2_of_step"] = rec["zeta2"]  # g^T(-d): equals the engine's zeta2 (self-check)
+        if "info" in rec:
+            red["info"] = rec["info"]
+        newton[spec] = red
+        if kind == "exact" and spec in args.methods:
+            scores.setdefault(spec, rec["zeta2"])
+        elif spec in scores:
+            ref, mine = np.asarray(scores[spec]), np.asarray(rec["zeta2"])
+            print(f"self-check {spec}: max rel diff of g^T(-d) vs engine zeta2 = "
+                  f"{np.max(np.abs(mine - ref) / np.maximum(ref, 1e-30)):.2e}", file=sys.stderr)
+        del rec
+        timings[f"newton:{spec}:measure"] = time.perf_counter() - t
+        state["wall_time_s"] = timings
+        progress.save()
 
     if state["optimiser"] is None and args.steps > 0 and not args.no_compute:
         t = time.perf_counter()
@@ -407,7 +455,8 @@ def run(args) -> GainsValidation:
 
 def table(result: GainsValidation) -> str:
     cols = (["optim_stats", "optim_heldout"] if result.optimiser else []) + [
-        f"newton[{m}]_{s}" for m in result.newton for s in ("stats", "heldout")]
+        f"newton{ls}[{m}]_{s}" for m in result.newton for ls in ("", "_ls") for s in ("stats", "heldout")
+        if ls == "" or "ls_stats" in result.newton[m]]
     lines = ["| score | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for m, row in result.spearman.items():
         lines.append(f"| {m} | " + " | ".join(f"{row.get(c, float('nan')):+.2f}" for c in cols) + " |")
@@ -416,14 +465,18 @@ def table(result: GainsValidation) -> str:
 
 def quadratic_check(result: GainsValidation) -> str:
     """Predicted zeta^2/2 vs measured Newton-step reduction on the statistics windows (sums over blocks)."""
-    lines = ["| method | sum zeta2/2 (pred.) | sum measured (stats) | sum measured (held-out) | blocks where the step raised stats loss |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| step | sum zeta2/2 (pred., t = 1) | sum measured, t = 1 (stats / held-out) | blocks where t = 1 raised the stats loss "
+             "| line search: median t | sum predicted at t | sum measured at t (stats / held-out) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, red in result.newton.items():
-        if m not in result.scores:
-            continue
-        pred = 0.5 * np.sum(result.scores[m])
-        lines.append(f"| {m} | {pred:.4g} | {np.sum(red['stats']):.4g} | {np.sum(red['heldout']):.4g} | "
-                     f"{int(np.sum(np.asarray(red['stats']) < 0))}/{len(red['stats'])} |")
+        z = np.asarray(red["zeta2_of_step"], float)
+        row = (f"| {m} | {0.5 * z.sum():.4g} | {np.sum(red['stats']):.4g} / {np.sum(red['heldout']):.4g} | "
+               f"{int(np.sum(np.asarray(red['stats']) < 0))}/{len(red['stats'])} |")
+        if "ls_scale" in red:
+            t = np.asarray(red["ls_scale"], float)
+            row += (f" {np.median(t):.3g} | {np.sum(z * t * (1 - t / 2)):.4g} | "
+                    f"{np.sum(red['ls_stats']):.4g} / {np.sum(red['ls_heldout']):.4g} |")
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -436,10 +489,15 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--damping", type=float, default=0.1, help="relative damping rho (SPEC default 0.1)")
-    p.add_argument("--methods", default=",".join(CURVATURE_METHODS + BASELINES))
-    p.add_argument("--newton", default=",".join(STEP_METHODS), help="methods whose Newton step is measured")
-    p.add_argument("--exact-nsamples", type=int, default=1, help="windows used by the (slow) exact method")
-    p.add_argument("--exact-seqlen", type=int, default=32, help="tokens per window for the exact method")
+    p.add_argument("--fisher", choices=("empirical", "true"), default="empirical",
+                   help="Fisher flavour of diag/kfac/ekfac when a method name has no ':true' / ':empirical' suffix")
+    p.add_argument("--methods", default=",".join(CURVATURE_METHODS + BASELINES),
+                   help="scores to correlate, comma-separated; diag/kfac/ekfac take ':true' or ':empirical'")
+    p.add_argument("--newton", default=",".join(STEP_METHODS), help="methods whose Newton step is measured (same syntax)")
+    p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+                   help="line-search scales t of each Newton step (the best on the statistics windows is kept)")
+    p.add_argument("--exact-nsamples", type=int, default=None, help="windows used by the (slow) exact method (default: all)")
+    p.add_argument("--exact-seqlen", type=int, default=None, help="tokens per window for the exact method (default: --seqlen)")
     p.add_argument("--cg-max-iter", type=int, default=10)
     p.add_argument("--cg-tol", type=float, default=1e-3)
     p.add_argument("--influence-aggregate", default="all")
@@ -456,9 +514,15 @@ def parse(argv=None):
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.newton = [m for m in args.newton.split(",") if m]
-    unknown = [m for m in args.methods if m not in CURVATURE_METHODS + BASELINES]
-    if unknown or any(m not in STEP_METHODS for m in args.newton):
-        p.error(f"unknown method(s) {unknown or args.newton}; scores: {CURVATURE_METHODS + BASELINES}, steps: {STEP_METHODS}")
+    try:
+        unknown = [m for m in args.methods if parse_spec(m, args.fisher)[0] not in CURVATURE_METHODS + BASELINES]
+        unknown += [m for m in args.newton if parse_spec(m, args.fisher)[0] not in STEP_METHODS]
+    except LayercapError as exc:
+        p.error(str(exc))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; scores: {CURVATURE_METHODS + BASELINES}, steps: {STEP_METHODS}")
+    if any(not 0 < t <= 1 for t in args.scales):
+        p.error("--scales must lie in (0, 1].")
     return args
 
 

@@ -313,10 +313,23 @@ def test_validate_gains_newton_steps_solve_the_damped_systems():
     calib = windows(3, 12)
     opts = ScoreOptions(batch_size=2)
     groups = param_groups(model, "module")[:3]
-    steps = vg.newton_steps(model, groups, calib, opts)
+    steps = {kind: vg.newton_step(model, groups, calib, opts, kind) for kind in ("gradnorm", "diag", "kfac")}
     for kind in ("gradnorm", "diag", "kfac"):
         ref = score_model(model, kind, calib, granularity="module", options=opts).zeta2[:3]
         np.testing.assert_allclose(steps[kind]["zeta2"], ref, rtol=1e-5)
+    # the Fisher flavour reaches the step: sampled labels give the engine's diag:true zeta2
+    true_opts = ScoreOptions(batch_size=2, fisher="true")
+    ref = score_model(model, "diag", calib, granularity="module", options=true_opts).zeta2[:3]
+    np.testing.assert_allclose(vg.newton_step(model, groups, calib, true_opts, "diag")["zeta2"], ref, rtol=1e-5)
+    # exact: the step is minus the CG solution, so g^T(-d) is the engine's exact zeta2
+    exact_opts = ScoreOptions(batch_size=2, cg_tol=1e-10, cg_max_iter=200)
+    ex = vg.newton_step(model, groups, calib, exact_opts, "exact")
+    ref = score_model(model, "exact", calib, granularity="module", options=exact_opts).zeta2[:3]
+    np.testing.assert_allclose(ex["zeta2"], ref, rtol=1e-5)
+    for k, (st, z) in enumerate(zip(ex["steps"], ex["zeta2"])):
+        minus_g = steps["gradnorm"]["steps"][k]
+        assert set(st) == set(minus_g)
+        assert sum(float((st[n].double() * minus_g[n].double()).sum()) for n in st) == pytest.approx(z, rel=1e-5)
     # K-FAC step of one Linear (no bias): G d A + lambda d = -g with lambda = rho tr(G) tr(A) / dim
     grp = groups[0]
     (wname, w), = grp.params
@@ -330,3 +343,15 @@ def test_validate_gains_newton_steps_solve_the_damped_systems():
     base = vg.mean_nll(model, calib, 2, "cpu")
     after = vg.measure_step(model, grp, steps["diag"]["steps"][0], [calib], 2, "cpu")
     assert torch.equal(w, before) and after[0] != base
+    # the line search keeps the best scale on the statistics windows and measures held-out there
+    held = windows(2, 12, seed=5)
+    bases = [base, vg.mean_nll(model, held, 2, "cpu")]
+    scales = (1.0, 0.5, 0.01)
+    ls = vg.line_search(model, grp, steps["diag"]["steps"][0], calib, held, bases, scales, 2, "cpu")
+    by_scale = {t: base - vg.measure_step(model, grp, steps["diag"]["steps"][0], [calib], 2, "cpu", scale=t)[0] for t in scales}
+    assert ls["ls_scale"] == max(by_scale, key=by_scale.get)
+    assert ls["ls_stats"] == pytest.approx(max(by_scale.values())) and ls["ls_stats"] >= ls["stats"]
+    assert ls["stats"] == pytest.approx(by_scale[1.0])
+    after_held = vg.measure_step(model, grp, steps["diag"]["steps"][0], [held], 2, "cpu", scale=ls["ls_scale"])[0]
+    assert ls["ls_heldout"] == pytest.approx(bases[1] - after_held)
+    assert torch.equal(w, before)

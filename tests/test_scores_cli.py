@@ -46,6 +46,12 @@ def test_score_command_writes_json_csv_and_table(saved_model, text, tmp_path, ca
     table = capsys.readouterr().out
     assert "model.layers.1" in table and "zeta2" in table
     assert not (tmp_path / "scores.json.ckpt").exists()  # removed after success
+    # a factor budget below one block streams the blocks one per pass, with the same scores
+    streamed = tmp_path / "streamed.json"
+    assert run([saved_model, "--data", text, "--method", "kfac", "--nsamples", 3, "--seqlen", 16, "--batch-size", 2,
+                "--max-factor-gb", "1e-9", "-o", streamed, "--quiet"]) == 0
+    np.testing.assert_allclose(LayerScores.load(streamed).zeta2, scores.zeta2, rtol=1e-6)
+    assert LayerScores.load(streamed).metadata["method_info"]["statistics_passes"] == 2
 
 
 def test_score_command_module_and_groups(saved_model, text, tmp_path):
@@ -96,6 +102,7 @@ def test_score_command_resume(saved_model, text, tmp_path, monkeypatch):
         (["--data", "/no/such/file"], "does not exist"),
         (["--nsamples", "0"], "--nsamples"),
         (["--damping", "0"], "--damping"),
+        (["--max-factor-gb", "-1"], "--max-factor-gb"),
         (["-o", "scores.txt"], ".json or .csv"),
         (["--groups", "/no/groups.json"], "--groups"),
     ],

@@ -240,6 +240,42 @@ def test_resume_after_interruption_gives_same_scores(tiny, method, tmp_path):
     np.testing.assert_allclose(resumed.zeta2, full.zeta2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_streaming_blocks_under_a_factor_budget_gives_the_same_scores(method):
+    """--max-factor-gb: groups streamed in chunks (one data pass each) score exactly as one pass."""
+    from layercap.scores.methods import chunk_groups, statistics_bytes
+
+    model, _ = build_tiny("llama", num_layers=4, hidden=8, seed=3)
+    calib = windows(n=3, seqlen=6)
+    groups = param_groups(model, "block")
+    one_block = max(statistics_bytes(g) for g in groups)
+    budget_gb = 2.5 * one_block / 2**30  # two blocks per chunk
+    assert [len(c) for c in chunk_groups(groups, int(budget_gb * 2**30))] == [2, 2]
+    assert [len(c) for c in chunk_groups(groups, 1)] == [1, 1, 1, 1]  # a group over budget stands alone
+    assert len(chunk_groups(groups, None)) == 1
+    full = score_model(model, method, calib, options=ScoreOptions(batch_size=2))
+    streamed = score_model(model, method, calib, options=ScoreOptions(batch_size=2, max_factor_gb=budget_gb))
+    np.testing.assert_allclose(streamed.zeta2, full.zeta2, rtol=1e-6)
+    assert full.metadata["method_info"]["statistics_passes"] == 1
+    assert streamed.metadata["method_info"]["statistics_passes"] == 2
+    with pytest.raises(LayercapError, match="max-factor-gb"):
+        score_model(model, method, calib, options=ScoreOptions(max_factor_gb=0.0))
+
+
+def test_streamed_kfac_resumes_across_chunks(tmp_path):
+    model, _ = build_tiny("llama", num_layers=3, hidden=8, seed=4)
+    calib = windows(n=4, seqlen=6)
+    tiny_budget = 1e-9  # every block its own chunk: three statistics passes
+    full = score_model(model, "kfac", calib, options=ScoreOptions(batch_size=1, max_factor_gb=tiny_budget))
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(Interrupted):  # dies in the second chunk's pass
+        score_model(model, "kfac", calib, options=ScoreOptions(batch_size=1, max_factor_gb=tiny_budget, checkpoint_dir=ckpt,
+                                                               extra={"_interrupt_after_batches": 6}))
+    resumed = score_model(model, "kfac", calib, options=ScoreOptions(batch_size=1, max_factor_gb=tiny_budget,
+                                                                     checkpoint_dir=ckpt, resume=True))
+    np.testing.assert_allclose(resumed.zeta2, full.zeta2, rtol=1e-6)
+
+
 def test_resume_refuses_checkpoint_of_other_settings(tiny, tmp_path):
     calib = windows(n=4, seqlen=6)
     ckpt = str(tmp_path / "ckpt")

@@ -44,6 +44,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="empirical (observed next tokens, default) or true (labels sampled from the model, seeded)")
     p.add_argument("--cg-tol", type=float, default=1e-6, help="exact: CG relative residual tolerance (default 1e-6)")
     p.add_argument("--cg-max-iter", type=int, default=100, help="exact: CG iteration cap (default 100)")
+    p.add_argument("--max-factor-gb", type=float, default=None, metavar="GIB",
+                   help="kfac/ekfac: stream the blocks in chunks whose statistics fit GIB (one data pass per chunk); "
+                   "default: one pass on CPU, 60%% of free memory on CUDA")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; torchrun ranks use cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model dtype (statistics are float32 regardless); default float32")
@@ -86,6 +89,8 @@ def _validate(args):
         raise LayercapError(f"--damping must be > 0, got {args.damping}.")
     if not args.cg_tol > 0:
         raise LayercapError(f"--cg-tol must be > 0, got {args.cg_tol}.")
+    if args.max_factor_gb is not None and not args.max_factor_gb > 0:
+        raise LayercapError(f"--max-factor-gb must be > 0, got {args.max_factor_gb}.")
     out = Path(args.output)
     if out.suffix.lower() not in (".json", ".csv"):
         raise LayercapError(f"-o {args.output!r}: use a .json or .csv file name.")
@@ -149,7 +154,7 @@ def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
         seed=args.seed, device=device, progress=not args.quiet,
         checkpoint_dir=ckpt_dir if args.checkpoint_every > 0 else None,
         checkpoint_every=max(args.checkpoint_every, 1), resume=args.resume,
-        cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter,
+        cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter, max_factor_gb=args.max_factor_gb,
     )
     scores = score_model(model, args.method, calib, granularity=granularity, options=options,
                          blocks_regex=args.blocks, modules_regex=args.modules,

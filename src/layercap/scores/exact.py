@@ -123,7 +123,10 @@ def conjugate_gradients(matvec, b: torch.Tensor, lam: float, tol: float, max_ite
     return x, it, rs ** 0.5 / b_norm
 
 
-def score_exact(model, groups, calib, options: ScoreOptions):
+def exact_solutions(model, groups, calib, options: ScoreOptions, keep_solutions: bool = False):
+    """(zeta2 (K,), info, solutions): CG solutions x_k = (C_k + lambda_k I)^-1 g_k per group, as
+    {parameter name: float32 tensor} when ``keep_solutions`` (the damped Newton step is -x_k),
+    else None. ``info`` holds lambda, CG iterations and residuals (and the trace estimates)."""
     ctx = make_context(calib, options, "exact", groups, model)
     names, params = unique_params(groups)
     with GradMode(model, params):
@@ -132,6 +135,7 @@ def score_exact(model, groups, calib, options: ScoreOptions):
     from tqdm import tqdm
 
     zetas, iters, residuals, lams = [], [], [], []
+    solutions = [] if keep_solutions else None
     for k, grp in enumerate(tqdm(groups, desc="exact CG", unit="group", file=sys.stderr,
                                  disable=not options.progress or ctx.rank != 0, leave=False)):
         gparams = [p for _, p in grp.params]
@@ -147,10 +151,17 @@ def score_exact(model, groups, calib, options: ScoreOptions):
         lam = damping_value(options, traces[k] if traces is not None else 0.0, grp.num_params)
         x, it, res = conjugate_gradients(matvec, b, lam, options.cg_tol, options.cg_max_iter)
         zetas.append(float(b @ x))
+        if solutions is not None:
+            solutions.append({n: part.reshape(p.shape).float() for (n, p), part in zip(grp.params, torch.split(x, sizes))})
         iters.append(it)
         residuals.append(res)
         lams.append(lam)
     info = {"damping_lambda": lams, "cg_iterations": iters, "cg_relative_residual": residuals}
     if traces is not None:
         info["trace_estimate"] = traces
-    return np.array(zetas), info
+    return np.array(zetas), info, solutions
+
+
+def score_exact(model, groups, calib, options: ScoreOptions):
+    zetas, info, _ = exact_solutions(model, groups, calib, options)
+    return zetas, info

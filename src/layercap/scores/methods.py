@@ -22,9 +22,12 @@ together); absolute: lambda_k = rho.
 Windows are processed one at a time inside a micro-batch for diag/kfac/ekfac (per-window
 gradients are needed for the Fisher and for the diagonal part of kfac); ``--batch-size`` then
 only sets the checkpoint/progress granularity. gradnorm batches its forward passes.
-Memory: kfac keeps the running sums of A and G of every scored Linear during the pass and
-eigendecomposes one group at a time afterwards (freed before the next); ekfac's second pass
-needs every eigenbasis at once.
+Memory: a pass keeps the running sums of A and G (and g, diag F) of the groups it scores;
+after it, the groups are eigendecomposed one at a time (freed before the next); ekfac's second
+pass needs the eigenbases of all the pass's groups at once. ``options.max_factor_gb`` streams
+the groups in chunks that fit that budget, one statistics pass (two for ekfac) per chunk, so a
+7B model's factors (tens of GiB for all blocks) never need to be resident together. Only the
+chunk's parameters require grad, so each pass backpropagates no deeper than its lowest block.
 """
 
 from __future__ import annotations
@@ -240,7 +243,7 @@ class FisherStats:
     gg: dict[str, torch.Tensor]  # linear name -> G
 
 
-def fisher_pass(model, groups, ctx: RunContext, linears: dict[str, nn.Module]) -> FisherStats:
+def fisher_pass(model, groups, ctx: RunContext, linears: dict[str, nn.Module], phase: str = "fisher") -> FisherStats:
     names, params = unique_params(groups)
     kron_ids = linear_param_ids(linears)
     diag_names = {n for n, p in zip(names, params) if id(p) not in kron_ids}
@@ -262,7 +265,7 @@ def fisher_pass(model, groups, ctx: RunContext, linears: dict[str, nn.Module]) -
     capture = KronCapture(linears, state) if linears else None
     try:
         with GradMode(model, params):
-            per_window_pass(model, ctx, "fisher", names, params, state, on_window, capture)
+            per_window_pass(model, ctx, phase, names, params, state, on_window, capture)
     finally:
         if capture is not None:
             capture.close()
@@ -288,41 +291,86 @@ def score_diag(model, groups, calib, options: ScoreOptions) -> np.ndarray:
     return np.array(out), {"damping_lambda": lams}
 
 
+def statistics_bytes(group) -> int:
+    """Bytes of a group's float32 statistics in a kfac/ekfac pass: A and G of each Linear, the
+    mean gradient of every parameter and diag F of the non-Linear ones (bounded by 2x params)."""
+    factors = sum(4 * (i * i + o * o) for o, i in (linear_dims(m) for m in group.linears.values()))
+    return factors + 8 * group.num_params
+
+
+def factor_budget_bytes(model: nn.Module, options: ScoreOptions) -> int | None:
+    """``options.max_factor_gb`` in bytes; on CUDA without one, 60% of the free device memory."""
+    if options.max_factor_gb is not None:
+        return int(options.max_factor_gb * 2**30)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.6 * free)
+    return None
+
+
+def chunk_groups(groups, budget: int | None) -> list[list]:
+    """Consecutive groups packed greedily into chunks of at most ``budget`` statistics bytes (a
+    group larger than the budget gets a chunk of its own); one chunk when there is no budget."""
+    if budget is None:
+        return [list(groups)]
+    chunks, current, used = [], [], 0
+    for grp in groups:
+        size = statistics_bytes(grp)
+        if current and used + size > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(grp)
+        used += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def _kfac_like(model, groups, calib, options: ScoreOptions, method: str, refit: bool):
     ctx = make_context(calib, options, method, groups, model)
-    linears = kron_linears(groups)
-    t0 = time.perf_counter()
-    stats = fisher_pass(model, groups, ctx, linears)
-    t1 = time.perf_counter()
-    names, params = unique_params(groups)
-    pnames = {id(p): n for n, p in zip(names, params)}
-    kron_ids = linear_param_ids(linears)
-    corrected = None
-    if refit:
-        corrected = ekfac_pass(model, ctx, linears, stats, names, params, pnames)
-    t2 = time.perf_counter()
-    out, lams = [], []
-    for grp in groups:
-        pieces = [diag_piece(stats.g[n], stats.fisher_diag[n]) for n, p in grp.params if id(p) not in kron_ids]
-        for name, module in grp.linears.items():
-            if refit:
-                s_g, u_g, s_a, u_a = corrected["bases"][name]
-                pieces.append(kron_piece(_linear_grad(stats, name, module, pnames), s_g, u_g, s_a, u_a, corrected["E"][name]))
-            else:
-                s_a, u_a = eig_psd(stats.a.pop(name))
-                s_g, u_g = eig_psd(stats.gg.pop(name))
-                pieces.append(kron_piece(_linear_grad(stats, name, module, pnames), s_g, u_g, s_a, u_a))
+    chunks = chunk_groups(groups, factor_budget_bytes(model, options))
+    timing = {"fisher_pass_s": 0.0, "ekfac_pass_s": 0.0, "solve_s": 0.0}
+    out, lams, start = [], [], 0
+    for chunk in chunks:
+        # phase names carry the chunk so that --resume never mixes checkpoints of other chunkings
+        suffix = "" if len(chunks) == 1 else f"[{start}:{start + len(chunk)}]"
+        start += len(chunk)
+        t0 = time.perf_counter()
+        linears = kron_linears(chunk)
+        stats = fisher_pass(model, chunk, ctx, linears, phase="fisher" + suffix)
+        t1 = time.perf_counter()
+        names, params = unique_params(chunk)
+        pnames = {id(p): n for n, p in zip(names, params)}
+        kron_ids = linear_param_ids(linears)
+        corrected = None
+        if refit:
+            corrected = ekfac_pass(model, ctx, linears, stats, names, params, pnames, phase="ekfac" + suffix)
+        t2 = time.perf_counter()
+        for grp in chunk:
+            pieces = [diag_piece(stats.g[n], stats.fisher_diag[n]) for n, p in grp.params if id(p) not in kron_ids]
+            for name, module in grp.linears.items():
+                if refit:
+                    s_g, u_g, s_a, u_a = corrected["bases"].pop(name)
+                    pieces.append(kron_piece(_linear_grad(stats, name, module, pnames), s_g, u_g, s_a, u_a, corrected["E"].pop(name)))
+                else:
+                    s_a, u_a = eig_psd(stats.a.pop(name))
+                    s_g, u_g = eig_psd(stats.gg.pop(name))
+                    pieces.append(kron_piece(_linear_grad(stats, name, module, pnames), s_g, u_g, s_a, u_a))
                 del s_a, u_a, s_g, u_g  # one group's eigendecompositions alive at a time
-        z, lam = assemble(pieces, grp.num_params, options)
-        out.append(z)
-        lams.append(lam)
-    # timings (s): statistics pass, EK-FAC pass (incl. its eigendecompositions), solve
-    # (K-FAC: eigendecompositions + projections)
-    timing = {"fisher_pass_s": t1 - t0, "ekfac_pass_s": t2 - t1, "solve_s": time.perf_counter() - t2}
-    return np.array(out), {"damping_lambda": lams, "timing": timing}
+            z, lam = assemble(pieces, grp.num_params, options)
+            out.append(z)
+            lams.append(lam)
+        del stats, corrected
+        # timings (s): statistics passes, EK-FAC passes (incl. their eigendecompositions), solve
+        # (K-FAC: eigendecompositions + projections), summed over chunks
+        timing["fisher_pass_s"] += t1 - t0
+        timing["ekfac_pass_s"] += t2 - t1
+        timing["solve_s"] += time.perf_counter() - t2
+    return np.array(out), {"damping_lambda": lams, "timing": timing, "statistics_passes": len(chunks)}
 
 
-def ekfac_pass(model, ctx: RunContext, linears, stats: FisherStats, names, params, pnames) -> dict:
+def ekfac_pass(model, ctx: RunContext, linears, stats: FisherStats, names, params, pnames, phase: str = "ekfac") -> dict:
     """Second pass: E[(U_G^T S_x U_A)^2] per Linear (the EK-FAC eigenvalue correction)."""
     bases = {}
     for name in linears:
@@ -344,7 +392,7 @@ def ekfac_pass(model, ctx: RunContext, linears, stats: FisherStats, names, param
             state[f"E:{name}"].add_((u_g.T @ s @ u_a).pow_(2))
 
     with GradMode(model, params):
-        per_window_pass(model, ctx, "ekfac", names, params, state, on_window)
+        per_window_pass(model, ctx, phase, names, params, state, on_window)
     n_tok = ctx.windows.total_tokens
     bases = {k: (s_g, u_g.double(), s_a, u_a.double()) for k, (s_g, u_g, s_a, u_a) in bases.items()}
     return {"bases": bases, "E": {name: state[f"E:{name}"] / n_tok for name in linears}}

@@ -40,6 +40,10 @@ class ScoreOptions:
     damping: rho (relative mode: lambda_k = rho * trace(C_k) / dim_k) or lambda (absolute).
     fisher: "empirical" (observed next tokens) or "true" (labels sampled from the model, seeded).
     checkpoint_dir / checkpoint_every / resume: resumable statistics passes (see engine).
+    max_factor_gb: kfac/ekfac statistics budget (GiB). Groups are streamed in chunks whose
+    float32 factors, gradients and diagonals fit it, one pass over the data per chunk (each
+    chunk's factors are eigendecomposed, scored and freed before the next). None: all groups in
+    one pass on CPU; on CUDA, 60% of the free device memory when the run starts.
     cg_tol / cg_max_iter: conjugate-gradient stopping rule of the ``exact`` method
     (relative residual ||r|| / ||g||). trace_samples: sampled-label draws per window used to
     estimate trace(C_k) for ``exact`` with relative damping.
@@ -56,6 +60,7 @@ class ScoreOptions:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     resume: bool = False
+    max_factor_gb: float | None = None
     cg_tol: float = 1e-6
     cg_max_iter: int = 100
     trace_samples: int = 1
@@ -72,6 +77,8 @@ class ScoreOptions:
             raise LayercapError(f"--fisher must be one of {FISHER_KINDS}, got {self.fisher!r}.")
         if self.checkpoint_every < 1:
             raise LayercapError(f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}.")
+        if self.max_factor_gb is not None and not (self.max_factor_gb > 0 and np.isfinite(self.max_factor_gb)):
+            raise LayercapError(f"--max-factor-gb must be a finite number > 0, got {self.max_factor_gb!r}.")
         if not (self.cg_tol > 0) or self.cg_max_iter < 1 or self.trace_samples < 1:
             raise LayercapError("cg_tol must be > 0 and cg_max_iter, trace_samples >= 1.")
 
