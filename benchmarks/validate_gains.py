@@ -19,7 +19,8 @@ updating block k alone. For every block k this script measures two ground truths
 
 Method names take an optional Fisher flavour, ``diag:true`` or ``kfac:empirical`` (labels sampled
 from the model or observed); without one, ``--fisher`` applies (default empirical, as ``layercap
-score``). It then reports the Spearman rank correlation between each method's zeta_k^2 (gradnorm,
+score``). A suffix ``@RHO`` sets that method's relative damping (``kfac:true@10``; default
+``--damping``), so one record can hold a damping sweep. It then reports the Spearman rank correlation between each method's zeta_k^2 (gradnorm,
 diag, kfac, ekfac, exact) and each ground truth, and, for context, the baseline score sources
 (alpha-hill, owl, influence) against the same ground truths. Statistics windows and held-out
 windows come from disjoint halves of the corpus.
@@ -66,14 +67,23 @@ FISHER_AWARE = ("diag", "kfac", "ekfac")  # methods whose curvature depends on t
 DEFAULT_SCALES = (1.0, 0.25, 0.0625, 0.015625, 0.00390625, 0.0009765625)
 
 
-def parse_spec(spec: str, default_fisher: str) -> tuple[str, str]:
-    """'kfac:true' -> ('kfac', 'true'); 'diag' -> ('diag', default_fisher)."""
-    base, _, fisher = spec.partition(":")
+def parse_spec(spec: str, default_fisher: str, default_damping: float | None = None) -> tuple[str, str, float | None]:
+    """'kfac:true@10' -> ('kfac', 'true', 10.0); 'diag' -> ('diag', default_fisher, default_damping)."""
+    head, at, rho = spec.partition("@")
+    base, _, fisher = head.partition(":")
     if fisher and base not in FISHER_AWARE:
         raise LayercapError(f"{spec!r}: only {', '.join(FISHER_AWARE)} take a Fisher flavour.")
     if fisher and fisher not in ("empirical", "true"):
         raise LayercapError(f"{spec!r}: the Fisher flavour is 'empirical' or 'true'.")
-    return base, fisher or default_fisher
+    damping = default_damping
+    if at:
+        try:
+            damping = float(rho)
+        except ValueError:
+            raise LayercapError(f"{spec!r}: the damping after '@' must be a number (relative rho).") from None
+        if not damping > 0:
+            raise LayercapError(f"{spec!r}: the damping after '@' must be > 0.")
+    return base, fisher or default_fisher, damping
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -373,8 +383,8 @@ def run(args) -> GainsValidation:
     timings["setup"] = time.perf_counter() - t0
 
     def options_for(spec: str) -> ScoreOptions:
-        _, fisher = parse_spec(spec, args.fisher)
-        return ScoreOptions(batch_size=args.batch_size, damping=args.damping, seed=args.seed, device=str(device),
+        _, fisher, damping = parse_spec(spec, args.fisher, args.damping)
+        return ScoreOptions(batch_size=args.batch_size, damping=damping, seed=args.seed, device=str(device),
                             fisher=fisher, cg_max_iter=args.cg_max_iter, cg_tol=args.cg_tol)
 
     # exact is matrix-free CG (every iteration a pass over the data): optionally on a subset
@@ -391,7 +401,7 @@ def run(args) -> GainsValidation:
     timings.update(state["wall_time_s"])
     scores: dict[str, list[float]] = state["scores"]
     for spec in args.methods:
-        method, _ = parse_spec(spec, args.fisher)
+        method = parse_spec(spec, args.fisher)[0]
         if spec in scores or args.no_compute or (method == "exact" and "exact" in args.newton):
             continue  # (exact with its Newton step: scored once, in the Newton phase below)
         t = time.perf_counter()
@@ -407,7 +417,7 @@ def run(args) -> GainsValidation:
 
     newton: dict[str, dict[str, list[float]]] = state["newton"]
     for spec in [m for m in args.newton if m not in newton and not args.no_compute]:
-        kind, _ = parse_spec(spec, args.fisher)
+        kind = parse_spec(spec, args.fisher)[0]
         t = time.perf_counter()
         rec = newton_step(model, groups, exact_calib if kind == "exact" else stats_set, options_for(spec), kind)
         timings[f"newton:{spec}:statistics"] = time.perf_counter() - t
@@ -492,7 +502,8 @@ def parse(argv=None):
     p.add_argument("--fisher", choices=("empirical", "true"), default="empirical",
                    help="Fisher flavour of diag/kfac/ekfac when a method name has no ':true' / ':empirical' suffix")
     p.add_argument("--methods", default=",".join(CURVATURE_METHODS + BASELINES),
-                   help="scores to correlate, comma-separated; diag/kfac/ekfac take ':true' or ':empirical'")
+                   help="scores to correlate, comma-separated; diag/kfac/ekfac take ':true' or ':empirical', any curvature "
+                   "method '@RHO' (its own relative damping), e.g. kfac:true@10")
     p.add_argument("--newton", default=",".join(STEP_METHODS), help="methods whose Newton step is measured (same syntax)")
     p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
                    help="line-search scales t of each Newton step (the best on the statistics windows is kept)")

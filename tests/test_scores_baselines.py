@@ -303,6 +303,19 @@ def _validate_gains_module():
     return module
 
 
+def test_validate_gains_method_specs():
+    vg = _validate_gains_module()
+    assert vg.parse_spec("kfac:true@10", "empirical", 0.1) == ("kfac", "true", 10.0)
+    assert vg.parse_spec("diag", "true", 0.1) == ("diag", "true", 0.1)
+    assert vg.parse_spec("exact@2.5", "empirical", 0.1) == ("exact", "empirical", 2.5)
+    for bad, message in (("gradnorm:true", "Fisher flavour"), ("diag:sampled", "empirical"), ("kfac@x", "number"),
+                         ("kfac@0", "> 0")):
+        with pytest.raises(LayercapError, match=message):
+            vg.parse_spec(bad, "empirical", 0.1)
+    with pytest.raises(SystemExit):
+        vg.parse(["--methods", "nope"])
+
+
 def test_validate_gains_newton_steps_solve_the_damped_systems():
     from layercap.scores import ScoreOptions, param_groups, score_model
     from layercap.scores.engine import make_context
