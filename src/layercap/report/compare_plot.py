@@ -21,8 +21,10 @@ def plot_comparison(comparison, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     ppl_keys, _ = comparison.columns()
-    fig = Figure(figsize=(11.0, 4.0), dpi=110)
-    ax_ppl, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    # the legend gets its own column on the right: with a dozen curves it would hide them
+    fig = Figure(figsize=(13.0, 4.2), dpi=110)
+    grid = fig.add_gridspec(1, 3, width_ratios=(1.0, 1.0, 0.42))
+    ax_ppl, ax_acc = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     labels = list(dict.fromkeys(c.label for c in comparison.cells))
     dense = comparison.dense
     # no task above chance (e.g. a random model): fall back to the mean over all tasks
@@ -55,6 +57,9 @@ def plot_comparison(comparison, path: str | Path) -> Path:
     for ax in (ax_ppl, ax_acc):
         ax.set_xlabel("sparsity")
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=7, loc="best")
+    handles, names = ax_acc.get_legend_handles_labels()
+    ax_legend = fig.add_subplot(grid[0, 2])
+    ax_legend.axis("off")
+    ax_legend.legend(handles, names, fontsize=7, loc="center left", frameon=False)
     fig.suptitle(f"Pruning comparison: {comparison.settings.get('model', '')}", fontsize=10)
     return atomic_write_bytes(path, _png(fig))
