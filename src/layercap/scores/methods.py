@@ -26,8 +26,8 @@ Memory: a pass keeps the running sums of A and G (and g, diag F) of the groups i
 after it, the groups are eigendecomposed one at a time (freed before the next); ekfac's second
 pass needs the eigenbases of all the pass's groups at once. ``options.max_factor_gb`` streams
 the groups in chunks that fit that budget, one statistics pass (two for ekfac) per chunk, so a
-7B model's factors (tens of GiB for all blocks) never need to be resident together. Only the
-chunk's parameters require grad, so each pass backpropagates no deeper than its lowest block.
+7B model's factors (tens of GiB for all blocks) never need to be resident together. A pass
+asks autograd only for its chunk's gradients, so it backpropagates no deeper than its lowest block.
 """
 
 from __future__ import annotations
