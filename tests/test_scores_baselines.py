@@ -335,7 +335,7 @@ def test_validate_gains_newton_steps_solve_the_damped_systems():
     ref = score_model(model, "diag", calib, granularity="module", options=true_opts).zeta2[:3]
     np.testing.assert_allclose(vg.newton_step(model, groups, calib, true_opts, "diag")["zeta2"], ref, rtol=1e-5)
     # exact: the step is minus the CG solution, so g^T(-d) is the engine's exact zeta2
-    exact_opts = ScoreOptions(batch_size=2, cg_tol=1e-10, cg_max_iter=200)
+    exact_opts = ScoreOptions(batch_size=2, cg_max_iter=15)  # the same truncated CG in both: no need to converge
     ex = vg.newton_step(model, groups, calib, exact_opts, "exact")
     ref = score_model(model, "exact", calib, granularity="module", options=exact_opts).zeta2[:3]
     np.testing.assert_allclose(ex["zeta2"], ref, rtol=1e-5)
