@@ -44,6 +44,7 @@ from layercap.models.blocks import LINEAR_TYPES
 from layercap.scores.engine import (
     GradMode,
     RunContext,
+    dist_info,
     logits_of,
     make_context,
     sample_labels,
@@ -299,14 +300,19 @@ def statistics_bytes(group) -> int:
 
 
 def factor_budget_bytes(model: nn.Module, options: ScoreOptions) -> int | None:
-    """``options.max_factor_gb`` in bytes; on CUDA without one, 60% of the free device memory."""
+    """``options.max_factor_gb`` in bytes; on CUDA without one, 60% of the free device memory
+    (the smallest over the ranks under torch.distributed: every rank must chunk alike, or the
+    all-reduces of the passes would not pair up)."""
     if options.max_factor_gb is not None:
         return int(options.max_factor_gb * 2**30)
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(0.6 * free)
-    return None
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = torch.tensor([int(0.6 * free)], dtype=torch.int64, device=device)
+    if dist_info()[1] > 1:
+        torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN)
+    return int(budget.item())
 
 
 def chunk_groups(groups, budget: int | None) -> list[list]:
