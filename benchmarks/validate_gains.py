@@ -20,8 +20,9 @@ updating block k alone. For every block k this script measures two ground truths
 Method names take an optional Fisher flavour, ``diag:true`` or ``kfac:empirical`` (labels sampled
 from the model or observed); without one, ``--fisher`` applies (default empirical, as ``layercap
 score``). A suffix ``@RHO`` sets that method's relative damping (``kfac:true@10``; default
-``--damping``), so one record can hold a damping sweep. It then reports the Spearman rank correlation between each method's zeta_k^2 (gradnorm,
-diag, kfac, ekfac, exact) and each ground truth, and, for context, the baseline score sources
+``--damping``), so one record can hold a damping sweep. It then reports the Spearman rank
+correlation between each method's zeta_k^2 (gradnorm, diag, kfac, ekfac, exact) and each ground
+truth, and, for context, the baseline score sources
 (alpha-hill, owl, influence) against the same ground truths. Statistics windows and held-out
 windows come from disjoint halves of the corpus.
 
@@ -58,6 +59,7 @@ from scipy.stats import spearmanr
 from layercap.data.calibration import CalibrationSet, read_text, tokenize_text
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_json, sha256_bytes
+from layercap.scores.registry import FISHER_KINDS
 
 SCHEMA = "layercap.validate_gains/v1"
 CURVATURE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact")
@@ -73,8 +75,8 @@ def parse_spec(spec: str, default_fisher: str, default_damping: float | None = N
     base, _, fisher = head.partition(":")
     if fisher and base not in FISHER_AWARE:
         raise LayercapError(f"{spec!r}: only {', '.join(FISHER_AWARE)} take a Fisher flavour.")
-    if fisher and fisher not in ("empirical", "true"):
-        raise LayercapError(f"{spec!r}: the Fisher flavour is 'empirical' or 'true'.")
+    if fisher and fisher not in FISHER_KINDS:
+        raise LayercapError(f"{spec!r}: the Fisher flavour is one of {', '.join(FISHER_KINDS)}.")
     damping = default_damping
     if at:
         try:
@@ -499,7 +501,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--damping", type=float, default=0.1, help="relative damping rho (SPEC default 0.1)")
-    p.add_argument("--fisher", choices=("empirical", "true"), default="empirical",
+    p.add_argument("--fisher", choices=FISHER_KINDS, default="empirical",
                    help="Fisher flavour of diag/kfac/ekfac when a method name has no ':true' / ':empirical' suffix")
     p.add_argument("--methods", default=",".join(CURVATURE_METHODS + BASELINES),
                    help="scores to correlate, comma-separated; diag/kfac/ekfac take ':true' or ':empirical', any curvature "
