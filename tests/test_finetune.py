@@ -14,6 +14,7 @@ from layercap.apply.finetune import (
     Collator,
     FinetuneOptions,
     FinetuneResult,
+    answer_token_loss,
     encode_example,
     finetune,
     instruction_task,
@@ -59,6 +60,36 @@ def test_labels_cover_answer_tokens_only():
     assert batch["input_ids"].shape == (2, len(ex["input_ids"]))
     k = len(short["input_ids"])
     assert (batch["labels"][1, k:] == -100).all() and (batch["attention_mask"][1, k:] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "opt", "peft"])
+def test_answer_token_loss_equals_full_logits_loss(family):
+    """The answer-positions-only head gives Hugging Face's full-logits loss and its gradients."""
+    tok = tiny_tokenizer()
+    model, _ = build_tiny("llama" if family == "peft" else family)
+    if family == "peft":
+        from layercap.apply.peft_lora import apply_peft_lora
+
+        model, _ = apply_peft_lora(model, _counts(model), rank_unit=2, targets=("q_proj", "down_proj"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)  # nonzero, so the adapter path matters
+    else:
+        model.requires_grad_(True)
+    batch = Collator(0)([encode_example(tok, f"Question {i}: pick a or b", "the answer is b" * (i + 1), 64)
+                         for i in range(3)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = model(**batch).loss
+    ref_grads = torch.autograd.grad(ref, params)
+    loss, out = answer_token_loss(model, batch)
+    grads = torch.autograd.grad(loss, params)
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+    assert out.logits.shape[:2] == (1, n_answer)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # the hook is removed: a plain forward gives full-length logits again
+    assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
 
 
 def test_instruction_task_choices(arc):

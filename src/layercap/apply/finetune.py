@@ -8,7 +8,9 @@ template that LoRA fine-tuning papers (LLM-Adapters, MoLA) use::
 
 The loss is the mean NLL of the answer tokens only (labels are -100 on prompt tokens and
 padding); LoRA-MoE adds ``aux_coef`` x the mean Switch load-balancing loss. Long examples keep
-the answer and lose prompt tokens from the left.
+the answer and lose prompt tokens from the left. Output logits are computed for the answer
+positions only (:func:`answer_token_loss`), which gives the same loss and gradients as full
+logits at a fraction of the vocabulary-projection cost.
 
 Training runs in ``transformers.Trainer`` (linear LR decay, AdamW, seeded data order) with
 checkpoints under ``OUTDIR/checkpoints``; ``resume=True`` continues from the newest complete
@@ -322,6 +324,38 @@ def shared_prefix_logliks(model, tokenizer, task, batch_size: int = 8, progress:
 
 
 # ---- trainer ------------------------------------------------------------------------------
+def answer_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor]):
+    """Mean NLL (nats) of the answer tokens, computing output logits for those positions only.
+
+    Equal to the Hugging Face ``labels=`` loss (shifted, -100 ignored, mean over tokens), but
+    the vocabulary projection runs on the answer positions alone: on instruction data they are a
+    few tokens of each ~100-token example, and the (B, T, vocab) logits with their log-softmax
+    and backward are otherwise a sizeable share of a CPU training step. A forward pre-hook on
+    the output embedding keeps the selected hidden states only, so any architecture whose
+    forward ends in ``get_output_embeddings()`` works unchanged (softcapping, logit scales).
+    Returns ``(loss, outputs)``; ``outputs.logits`` has shape (1, n_answer_tokens, vocab).
+    """
+    labels = inputs["labels"]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        outputs = model(**inputs)
+        return outputs.loss, outputs
+    targets = labels[:, 1:]
+    keep = (targets != -100).nonzero(as_tuple=True)
+
+    def answer_positions(module, args):
+        hidden = args[0]
+        return (hidden[:, :-1][keep].unsqueeze(0),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(answer_positions)
+    try:
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    finally:
+        handle.remove()
+    loss = nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep])
+    return loss, outputs
+
+
 def _make_trainer_class():
     from transformers import Trainer
 
@@ -336,8 +370,7 @@ def _make_trainer_class():
             self._acc = {"lm": 0.0, "aux": 0.0, "n": 0}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(**inputs)
-            lm = outputs.loss
+            lm, outputs = answer_token_loss(model, inputs)
             loss = lm
             if self.moe_config is not None and self.moe_config.aux_coef > 0:
                 aux = load_balancing_loss(model, inputs.get("attention_mask"))
