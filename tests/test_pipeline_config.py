@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from layercap.errors import LayercapError
-from layercap.pipeline.config import SECTIONS, PipelineConfig, config_table, default_config_text, load_config
+from layercap.experiments.config import SECTIONS, PipelineConfig, config_table, default_config_text, load_config
 
 
 def test_embedded_default_lists_every_field_and_loads():
@@ -112,7 +112,7 @@ def test_config_table_documents_every_field():
 
 def test_readme_config_table_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert config_table().strip() in readme, "regenerate the README table with layercap.pipeline.config.config_table()"
+    assert config_table().strip() in readme, "regenerate the README table with layercap.experiments.config.config_table()"
 
 
 def test_cli_rejects_a_bad_config_before_writing_anything(tmp_path, capsys):
@@ -170,7 +170,7 @@ def test_readme_documents_every_config_key_and_the_run_flags():
 
 
 def test_embedded_yaml_restates_the_dataclass_defaults():
-    from layercap.pipeline.config import _default_of
+    from layercap.experiments.config import _default_of
 
     doc = yaml.safe_load(default_config_text())
     for section, cls in SECTIONS.items():

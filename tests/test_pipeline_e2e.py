@@ -21,9 +21,9 @@ import pytest
 import torch
 import yaml
 
-from layercap.pipeline.config import load_config
-from layercap.pipeline.manifest import TEST_HOOK_ENV, hash_output
-from layercap.pipeline.run import run_pipeline
+from layercap.experiments.config import load_config
+from layercap.experiments.runner import TEST_HOOK_ENV, hash_output
+from layercap.experiments.run import run_pipeline
 from layercap.report.build import fmt_acc, fmt_ppl, spearman_matrix
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_text, sha256_file
-from layercap.pipeline.manifest import MANIFEST, TEST_HOOK_ENV, Manifest, StageRunner, hash_output, measure
+from layercap.experiments.runner import MANIFEST, TEST_HOOK_ENV, Manifest, StageRunner, hash_output, measure
 
 
 def _writer(run_dir, rel, text, calls):

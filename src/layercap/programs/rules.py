@@ -40,7 +40,8 @@ exactly (sum N_k rho_k = s sum N_k, after clipping to [min_ratio, max_ratio]):
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,20 +53,114 @@ from layercap.programs.pruning import pruning_ratios, validate
 from layercap.programs.records import AllocatedLayer, Allocation, PruningRatios, RatioLayer
 from layercap.scorefile import LayerScores
 
-ALLOCATION_RULES: tuple[str, ...] = ("mdl", "uniform", "proportional", "mola-2468", "mola-8642", "mola-5555", "layerif", "alphalora")
-PRUNING_RULES: tuple[str, ...] = ("mdl", "uniform", "owl", "alphapruning", "layerif")
 MOLA_PATTERNS = {"mola-2468": (2, 4, 6, 8), "mola-8642": (8, 6, 4, 2), "mola-5555": (5, 5, 5, 5)}
 OWL_LAMBDA = 0.08
 ALPHA_EPS = 0.3
+# a rule's `source`: None (reads no scores: the decision scores give only the layer names and
+# sizes), CURVATURE (the zeta^2 estimator the user picks, e.g. mdl:kfac), or a score method name
+CURVATURE = "curvature"
+DEFAULT_CURVATURE = "kfac"
 
-# the score source each baseline rule reads (scores.method); rules not named here read
-# curvature scores (zeta^2: mdl, proportional) or none (uniform, the MoLA patterns)
-RULE_SOURCES = {"alphalora": "alpha-hill", "alphapruning": "alpha-hill", "owl": "owl", "layerif": "influence"}
+
+@dataclass(frozen=True)
+class AllocationRule:
+    """An allocation rule: ``solve(scores, q, w, costs, lower, upper, budget, alpha, beta, integer)
+    -> (n, mu, binds, spent, gap, meta)`` (see :func:`allocation_by_rule`)."""
+
+    name: str
+    solve: Callable[..., tuple]
+    source: str | None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PruningRule:
+    """A pruning-ratio rule: ``solve(scores, N, s, lo, hi, options) -> (rho, nu, mode, meta, warnings)``
+    with rho (K,) meeting sum N rho = s sum N within [lo, hi] (see :func:`ratios_by_rule`)."""
+
+    name: str
+    solve: Callable[..., tuple]
+    source: str | None
+    description: str = ""
+
+
+ALLOCATION_RULES: dict[str, AllocationRule] = {}
+PRUNING_RULES: dict[str, PruningRule] = {}
+
+
+def register_allocation_rule(name: str, solve: Callable[..., tuple], source: str | None, description: str = "") -> AllocationRule:
+    """Add allocation rule ``name`` (one line per rule; see the README's Architecture section)."""
+    ALLOCATION_RULES[name] = rule = AllocationRule(name, solve, source, description)
+    return rule
+
+
+def register_pruning_rule(name: str, solve: Callable[..., tuple], source: str | None, description: str = "") -> PruningRule:
+    """Add pruning-ratio rule ``name``."""
+    PRUNING_RULES[name] = rule = PruningRule(name, solve, source, description)
+    return rule
+
+
+def rule_registry(program: str) -> dict:
+    if program not in ("allocation", "pruning"):
+        raise LayercapError(f"program {program!r} is unknown; use allocation or pruning.")
+    return ALLOCATION_RULES if program == "allocation" else PRUNING_RULES
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule and the score method it reads (None: the rule reads no scores)."""
+
+    rule: str
+    source: str | None
+    program: str = "pruning"
+
+    @property
+    def label(self) -> str:
+        """``rule``, or ``rule:source`` for curvature rules and for a baseline read from another source."""
+        declared = rule_registry(self.program)[self.rule].source
+        if self.source and (declared == CURVATURE or self.source != declared):
+            return f"{self.rule}:{self.source}"
+        return self.rule
+
+    @property
+    def dirname(self) -> str:
+        return self.label.replace(":", "-")
+
+
+def parse_rule(text: str, program: str, curvature: str = DEFAULT_CURVATURE, known_sources=None) -> RuleSpec:
+    """``RULE[:SOURCE]`` -> RuleSpec for ``program`` ("allocation" or "pruning").
+
+    A curvature rule without SOURCE reads ``curvature``; a baseline its own source.
+    ``known_sources``: the score methods that exist (checked when given).
+    """
+    registry = rule_registry(program)
+    rule, _, source = str(text).partition(":")
+    rule, source = rule.strip().lower(), source.strip()
+    if rule not in registry:
+        raise LayercapError(f"{program} rule {text!r} is unknown; use one of {', '.join(registry)} "
+                            f"(curvature rules as RULE:METHOD, e.g. mdl:kfac).")
+    declared = registry[rule].source
+    if declared is None:
+        if source:
+            raise LayercapError(f"rule {text!r}: {rule} reads no scores; write just {rule!r}.")
+        return RuleSpec(rule, None, program)
+    source = source or (curvature if declared == CURVATURE else declared)
+    if known_sources is not None and source not in known_sources:
+        raise LayercapError(f"rule {text!r}: score method {source!r} does not exist; choose one of {', '.join(sorted(known_sources))}.")
+    return RuleSpec(rule, source, program)
+
+
+def rule_sources() -> dict[str, str]:
+    """rule -> the score method a baseline rule reads (curvature and score-free rules excluded)."""
+    return {r.name: r.source for reg in (ALLOCATION_RULES, PRUNING_RULES) for r in reg.values()
+            if r.source not in (None, CURVATURE)}
+
+
 _BASELINE_SOURCES = ("alpha-hill", "owl")
 
 
 def _source_warning(rule: str, scores: LayerScores) -> list[str]:
-    want = RULE_SOURCES.get(rule)
+    want = rule_sources().get(rule)
     got = scores.method
     if want is not None and got != want:
         return [f"rule {rule!r} expects scores from method {want!r} but the scores file says {got!r}; "
@@ -136,7 +231,6 @@ def allocation_by_rule(rule: str, scores: LayerScores, budget: float, *, costs=N
     if unit not in ("experts", "rank", "units"):
         raise LayercapError(f"unit {unit!r} is unknown; use experts, rank or units.")
     c = resolve_costs(costs, scores)
-    K = len(scores)
     if integer:
         lower = _whole(lower, "lower bound(s)")
         if upper is not None:
@@ -147,33 +241,11 @@ def allocation_by_rule(rule: str, scores: LayerScores, budget: float, *, costs=N
                   "cost": costs if isinstance(costs, str) else ("array" if costs is not None
                                                                  else ("file" if scores.costs() is not None else "count")),
                   "scores_method": scores.method}
-    gap = None
-    if rule == "mdl":
-        if integer:
-            sol = allocate_integer(scores.zeta2, budget, costs=c, beta=beta, alpha=alpha, lower=lower, upper=upper)
-            n, mu, binds, spent, gap = sol.n, sol.mu, sol.binds, sol.spent, sol.gap
-            meta.update(objective=sol.objective, relaxed_objective=sol.relaxed_objective,
-                        relaxation_gap=sol.relaxation_gap, optimal=sol.optimal, alpha_used=sol.alpha, threshold=sol.threshold)
-        else:
-            sol = _water_fill(w, c, l, u, budget, alpha)
-            n, mu, binds, spent = sol.n, sol.mu, sol.binds, sol.spent
-            meta.update(objective=sol.objective, alpha_used=sol.alpha, level=sol.level)
-        if not binds:
-            warnings.append(f"the budget does not bind: MDL spends {spent:g} of {budget:g} "
-                            + ("(every layer is at its upper bound)." if alpha == "auto" else "(further units cost more than they gain at this alpha)."))
-    else:
-        if rule == "uniform":
-            wr = np.ones(K)
-        elif rule == "proportional":
-            wr = q
-        elif rule in MOLA_PATTERNS:
-            wr = mola_weights(rule, K)
-        else:  # layerif, alphalora: the score to the power beta
-            wr = q ** beta
-        n = scale_round(wr, budget, c, l, u, integer)
-        mu = None
-        spent = dot(c, n)
-        binds = bool(spent >= budget * (1 - 1e-9) or np.all((n >= u) | (c > budget - spent + 1e-9)))
+    n, mu, binds, spent, gap, extra = ALLOCATION_RULES[rule].solve(
+        scores=scores, q=q, w=w, costs=c, lower=l, upper=u, budget=budget, alpha=alpha, beta=beta, integer=integer,
+        raw_lower=lower, raw_upper=upper)
+    meta.update(extra.pop("meta", {}))
+    warnings += extra.pop("warnings", [])
     n = np.asarray(n)
     counts = [int(round(x)) for x in n] if integer else [float(x) for x in n]
     layers = [AllocatedLayer(name, counts[k], float(c[k]), float(q[k])) for k, name in enumerate(scores.names)]
@@ -259,28 +331,10 @@ def ratios_by_rule(rule: str, scores: LayerScores, sparsity: float, *, mode: str
     lo, hi, s = float(min_ratio), float(max_ratio), float(sparsity)
     warnings = _source_warning(rule, scores)
     meta: dict = {"min_ratio": lo, "max_ratio": hi, "scores_method": scores.method}
-    nu = None
-    out_mode = "rule"
-    if rule == "mdl":
-        sol = pruning_ratios(scores.zeta2, N, s, mode=mode, eta=eta, p=p, gamma=gamma, bits=bits,
-                             min_ratio=lo, max_ratio=hi)
-        rho, nu, out_mode = sol.rho, sol.nu, mode
-        warnings += sol.warnings
-        meta.update(eta=eta, p=p, gamma=gamma, bits=bits, objective=sol.objective, binds=sol.binds)
-    elif rule == "uniform":
-        rho = np.full(q.shape, s)
-        rho = meet_target_shift(rho, N, s, lo, hi)
-    elif rule == "owl":
-        d = minmax(scores.zeta2) * 2.0 * OWL_LAMBDA
-        rho = meet_target_shift(-d, N, s, lo, hi)
-        meta["lambda"] = OWL_LAMBDA
-    elif rule == "alphapruning":
-        rho = alphapruning_map(scores.zeta2, N, s, lo, hi)
-        meta["epsilon"] = ALPHA_EPS
-    else:  # layerif
-        smooth = savgol_smooth(minmax(scores.zeta2))
-        rho = alphapruning_map(smooth, N, s, lo, hi)
-        meta.update(epsilon=ALPHA_EPS, savgol_window=7, savgol_order=3)
+    options = {"mode": mode, "eta": eta, "p": p, "gamma": gamma, "bits": bits}
+    rho, nu, out_mode, extra_meta, extra_warnings = PRUNING_RULES[rule].solve(scores, N, s, lo, hi, options)
+    meta.update(extra_meta)
+    warnings += extra_warnings
     rho = np.asarray(rho, dtype=np.float64)
     achieved = dot(N, rho) / float(N.sum())
     clipped = int(np.sum((rho <= lo + 1e-12) | (rho >= hi - 1e-12)))
@@ -341,3 +395,78 @@ def load_costs(path: str, names: Sequence[str]) -> np.ndarray:
             raise LayercapError(f"--cost {path}: cost of {n!r} is {v!r}; costs must be finite numbers > 0.")
         vals.append(float(v))
     return np.array(vals)
+
+
+# ---- the rules ------------------------------------------------------------------------------
+def _allocate_mdl(*, scores, q, w, costs, lower, upper, budget, alpha, beta, integer, raw_lower, raw_upper):
+    """The MDL allocation program (SPEC 2): exact integer solution, or the continuous water fill."""
+    meta: dict = {}
+    if integer:
+        sol = allocate_integer(scores.zeta2, budget, costs=costs, beta=beta, alpha=alpha, lower=raw_lower, upper=raw_upper)
+        n, mu, binds, spent, gap = sol.n, sol.mu, sol.binds, sol.spent, sol.gap
+        meta.update(objective=sol.objective, relaxed_objective=sol.relaxed_objective,
+                    relaxation_gap=sol.relaxation_gap, optimal=sol.optimal, alpha_used=sol.alpha, threshold=sol.threshold)
+    else:
+        sol = _water_fill(w, costs, lower, upper, budget, alpha)
+        n, mu, binds, spent, gap = sol.n, sol.mu, sol.binds, sol.spent, None
+        meta.update(objective=sol.objective, alpha_used=sol.alpha, level=sol.level)
+    warnings = []
+    if not binds:
+        warnings.append(f"the budget does not bind: MDL spends {spent:g} of {budget:g} "
+                        + ("(every layer is at its upper bound)." if alpha == "auto" else "(further units cost more than they gain at this alpha)."))
+    return n, mu, binds, spent, gap, {"meta": meta, "warnings": warnings}
+
+
+def _scaled(weight_fn):
+    """An allocation baseline: weights w_k scaled to the budget with the shared rounding."""
+    def solve(*, scores, q, w, costs, lower, upper, budget, alpha, beta, integer, raw_lower, raw_upper):
+        n = scale_round(weight_fn(q, beta), budget, costs, lower, upper, integer)
+        spent = dot(costs, n)
+        binds = bool(spent >= budget * (1 - 1e-9) or np.all((n >= upper) | (costs > budget - spent + 1e-9)))
+        return n, None, binds, spent, None, {}
+    return solve
+
+
+register_allocation_rule("mdl", _allocate_mdl, CURVATURE, "the MDL capacity program on zeta^2")
+register_allocation_rule("uniform", _scaled(lambda q, beta: np.ones(len(q))), None, "the same units in every layer")
+register_allocation_rule("proportional", _scaled(lambda q, beta: q), CURVATURE, "units proportional to q_k")
+for _pattern in MOLA_PATTERNS:
+    register_allocation_rule(_pattern, _scaled(lambda q, beta, _p=_pattern: mola_weights(_p, len(q))), None,
+                             f"MoLA depth-quarter pattern {MOLA_PATTERNS[_pattern]}")
+register_allocation_rule("layerif", _scaled(lambda q, beta: q ** beta), "influence", "LayerIF influence^beta")
+register_allocation_rule("alphalora", _scaled(lambda q, beta: q ** beta), "alpha-hill", "AlphaLoRA heavy-tail alpha^beta")
+
+
+def _prune_mdl(scores, N, s, lo, hi, options):
+    sol = pruning_ratios(scores.zeta2, N, s, min_ratio=lo, max_ratio=hi, **options)
+    meta = {k: options[k] for k in ("eta", "p", "gamma", "bits")}
+    meta.update(objective=sol.objective, binds=sol.binds)
+    return sol.rho, sol.nu, options["mode"], meta, list(sol.warnings)
+
+
+def _prune_uniform(scores, N, s, lo, hi, options):
+    return meet_target_shift(np.full(len(N), s), N, s, lo, hi), None, "rule", {}, []
+
+
+def _prune_owl(scores, N, s, lo, hi, options):
+    d = minmax(scores.zeta2) * 2.0 * OWL_LAMBDA
+    return meet_target_shift(-d, N, s, lo, hi), None, "rule", {"lambda": OWL_LAMBDA}, []
+
+
+def _prune_alphapruning(scores, N, s, lo, hi, options):
+    return alphapruning_map(scores.zeta2, N, s, lo, hi), None, "rule", {"epsilon": ALPHA_EPS}, []
+
+
+def _prune_layerif(scores, N, s, lo, hi, options):
+    rho = alphapruning_map(savgol_smooth(minmax(scores.zeta2)), N, s, lo, hi)
+    return rho, None, "rule", {"epsilon": ALPHA_EPS, "savgol_window": 7, "savgol_order": 3}, []
+
+
+register_pruning_rule("mdl", _prune_mdl, CURVATURE, "the paper's MDL pruning program on zeta^2")
+register_pruning_rule("uniform", _prune_uniform, None, "the target sparsity in every layer")
+register_pruning_rule("owl", _prune_owl, "owl", "OWL outlier-weighted ratios")
+register_pruning_rule("alphapruning", _prune_alphapruning, "alpha-hill", "AlphaPruning heavy-tail map")
+register_pruning_rule("layerif", _prune_layerif, "influence", "LayerIF influence, smoothed, AlphaPruning map")
+
+# rule -> the score method each baseline reads (kept for callers that need the plain mapping)
+RULE_SOURCES = rule_sources()

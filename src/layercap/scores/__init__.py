@@ -20,4 +20,5 @@ __all__ = [
     "register",
 ]
 
-from layercap.scores import methods as _builtin_methods  # noqa: E402,F401  (registers gradnorm, diag, kfac, ekfac, exact)
+from layercap.scores import methods as _builtin_methods  # noqa: E402,F401  (registers gradnorm, diag, kfac, ekfac)
+from layercap.scores import exact as _exact_method  # noqa: E402,F401  (registers exact)

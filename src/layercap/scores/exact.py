@@ -37,7 +37,7 @@ from layercap.scores.engine import (
     unique_params,
 )
 from layercap.scores.methods import damping_value, gradient_pass
-from layercap.scores.registry import ScoreOptions
+from layercap.scores.registry import ScoreOptions, register
 
 
 def trace_pass(model, groups, ctx: RunContext, names, params) -> list[float]:
@@ -165,3 +165,6 @@ def exact_solutions(model, groups, calib, options: ScoreOptions, keep_solutions:
 def score_exact(model, groups, calib, options: ScoreOptions):
     zetas, info, _ = exact_solutions(model, groups, calib, options)
     return zetas, info
+
+
+register("exact", score_exact, description="block GGN by matrix-vector products + conjugate gradients")

@@ -412,14 +412,7 @@ def score_ekfac(model, groups, calib, options: ScoreOptions):
     return _kfac_like(model, groups, calib, options, "ekfac", refit=True)
 
 
-def score_exact(model, groups, calib, options: ScoreOptions):
-    from layercap.scores.exact import score_exact as run
-
-    return run(model, groups, calib, options)
-
-
 register("gradnorm", score_gradnorm, description="||g_k||^2 (C = 0, lambda = 1)")
 register("diag", score_diag, description="diagonal Fisher")
 register("kfac", score_kfac, description="Kronecker-factored Fisher per Linear, diagonal elsewhere")
 register("ekfac", score_ekfac, description="K-FAC eigenbasis with re-fitted eigenvalues")
-register("exact", score_exact, description="block GGN by matrix-vector products + conjugate gradients")

@@ -26,6 +26,7 @@ DAMPING_MODES = ("relative", "absolute")
 # modules that register extra methods on import (missing ones are skipped)
 PLUGIN_MODULES = (
     "layercap.scores.methods",
+    "layercap.scores.exact",
     "layercap.scores.heavytail",
     "layercap.scores.owl",
     "layercap.scores.influence",

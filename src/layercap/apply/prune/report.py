@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layercap.apply.prune.pruners import PRUNERS
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_json, read_json
 
 PRUNING_SCHEMA = "layercap.pruning/v1"
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = tuple(PRUNERS)  # the registered pruners (layercap.apply.prune.pruners)
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from layercap.apply.prune.masks import STRUCTURES, magnitude_scores, parse_structure, select_mask, wanda_scores
+from layercap.apply.prune.masks import STRUCTURES, parse_structure
 from layercap.apply.prune.plan import module_ratios
-from layercap.apply.prune.report import METHODS, ModuleSparsity, PruningReport
-from layercap.apply.prune.sparsegpt import hessian_factor, sparsegpt_prune
+from layercap.apply.prune.pruners import get_pruner
+from layercap.apply.prune.report import ModuleSparsity, PruningReport
+from layercap.apply.prune.sparsegpt import hessian_factor
 from layercap.apply.prune.stats import InputStats, attach_input_stats
 from layercap.data.calibration import CalibrationSet
 from layercap.errors import LayercapError
@@ -177,12 +178,10 @@ def prune_linear(
     ``factor``: SparseGPT's precomputed :func:`hessian_factor` of ``stats.hessian``, if any."""
     weight = linear_weight(module)
     if ratio > 0:
-        if method == "sparsegpt":
-            new, mask = sparsegpt_prune(weight, stats.hessian, ratio, nm, blocksize, percdamp, factor)
+        new, mask = get_pruner(method).prune(weight, ratio, nm, stats, factor, blocksize, percdamp)
+        if new is not None:
             weight.copy_(new.to(weight.dtype))
         else:
-            scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, stats.sq_mean)
-            mask = select_mask(scores, ratio, nm, per_row=method == "wanda")
             weight.masked_fill_(mask, 0)
         pruned = int(mask.sum())
     else:
@@ -191,11 +190,10 @@ def prune_linear(
 
 
 def _check_args(method: str, structure: str, calib: CalibrationSet | None, device: str | None, batch_size: int):
-    if method not in METHODS:
-        raise LayercapError(f"--method {method!r} is not a pruner; choose one of {', '.join(METHODS)}.")
+    pruner = get_pruner(method)
     if structure not in STRUCTURES:
         parse_structure(structure)  # raises for malformed strings; other N:M are accepted
-    if method != "magnitude" and calib is None:
+    if pruner.needs_data and calib is None:
         raise LayercapError(f"{method} needs calibration data: pass --data PATH (text, JSON/JSONL or a directory).")
     if batch_size < 1:
         raise LayercapError(f"--batch-size must be >= 1, got {batch_size}.")
@@ -236,7 +234,7 @@ def prune_model(
     records: list[ModuleSparsity] = []
     bar = tqdm(blocks, desc=f"prune ({method})", file=sys.stderr, disable=not progress, unit="block")
     try:
-        if method == "magnitude":
+        if not get_pruner(method).needs_data:
             for block in bar:
                 records += _prune_block(block, per_module, method, nm, None, target, blocksize, percdamp)
         else:
@@ -251,7 +249,7 @@ def prune_model(
         bar.close()
         model.train(was_training)
     calibration = None
-    if method != "magnitude":
+    if get_pruner(method).needs_data:
         n, seqlen = calib.input_ids.shape
         calibration = {"sha256": calib.sha256, "source": calib.source, "nsamples": int(n), "seqlen": int(seqlen),
                        "seed": int(calib.seed), "tokens": calib.num_tokens}
@@ -298,7 +296,7 @@ def _calibrate_and_prune_block(block, per_module, method, nm, inputs, calls, tar
     try:
         active = {rel: m for rel, m in block.linears.items() if per_module[f"{block.name}.{rel}"] > 0}
         in_features = {rel: linear_weight(m).shape[1] for rel, m in active.items()}
-        stats, handles = attach_input_stats(active, in_features, device, want_hessian=method == "sparsegpt")
+        stats, handles = attach_input_stats(active, in_features, device, want_hessian=get_pruner(method).needs_hessian)
         try:
             outputs = []
             for hidden, call in zip(inputs, calls):
@@ -312,7 +310,7 @@ def _calibrate_and_prune_block(block, per_module, method, nm, inputs, calls, tar
         factors: list[tuple[InputStats, tuple]] = []  # Linears fed the same input share H^-1
         for rel, m in block.linears.items():
             st, factor = stats.get(rel), None
-            if method == "sparsegpt" and st is not None:
+            if get_pruner(method).needs_hessian and st is not None:
                 factor = next((f for other, f in factors if torch.equal(other.hessian, st.hessian)), None)
                 if factor is None:
                     factor = hessian_factor(st.hessian, percdamp)

@@ -7,13 +7,13 @@
 - run:      ``run_pipeline(config, run_dir) -> RunSummary``
 """
 
-from layercap.pipeline.config import PipelineConfig, load_config
+from layercap.experiments.config import PipelineConfig, load_config
 
 __all__ = ["PipelineConfig", "load_config", "run_pipeline"]
 
 
 def run_pipeline(config, run_dir, **kwargs):
-    """See :func:`layercap.pipeline.run.run_pipeline` (imported lazily: it pulls in torch)."""
-    from layercap.pipeline.run import run_pipeline as _run
+    """See :func:`layercap.experiments.run.run_pipeline` (imported lazily: it pulls in torch)."""
+    from layercap.experiments.run import run_pipeline as _run
 
     return _run(config, run_dir, **kwargs)

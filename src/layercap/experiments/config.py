@@ -2,7 +2,7 @@
 
 A config is a YAML mapping with the sections ``model``, ``data``, ``scoring``, ``allocation``,
 ``pruning``, ``evaluation``, ``report``. Every field has a default (the embedded
-``pipeline/default.yaml`` restates them all), so a user config only lists what it changes.
+``experiments/default.yaml`` restates them all), so a user config only lists what it changes.
 Validation is strict: an unknown key raises LayercapError naming the key and the allowed keys; a
 bad value names the key and the allowed values or range. :func:`config_table` renders the
 field table documented in the README.
@@ -27,16 +27,16 @@ import yaml
 from layercap.errors import LayercapError
 from layercap.programs import rules as _rules
 
-SCHEMA = "layercap.pipeline-config/v1"
+SCHEMA = "layercap.experiments-config/v1"
 
 SCORE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact", "influence", "alpha-hill", "owl")
 ALLOCATION_RULES = _rules.ALLOCATION_RULES
 RATIO_RULES = _rules.PRUNING_RULES
 # The score source each baseline rule reads. The others read the section's `scores` (mdl,
 # proportional) or use it only for the block names and sizes (uniform, MoLA patterns).
-RULE_SOURCES = {(section, rule): _rules.RULE_SOURCES[rule]
+RULE_SOURCES = {(section, name): rule.source
                 for section, rules in (("allocation", ALLOCATION_RULES), ("pruning", RATIO_RULES))
-                for rule in rules if rule in _rules.RULE_SOURCES}
+                for name, rule in rules.items() if rule.source not in (None, _rules.CURVATURE)}
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
@@ -332,8 +332,8 @@ def _default_of(f) -> Any:
 
 # ---- loading and overrides -------------------------------------------------------------------
 def default_config_text() -> str:
-    """The embedded ``pipeline/default.yaml``."""
-    return resources.files("layercap.pipeline").joinpath("default.yaml").read_text(encoding="utf-8")
+    """The embedded ``experiments/default.yaml``."""
+    return resources.files("layercap.experiments").joinpath("default.yaml").read_text(encoding="utf-8")
 
 
 def _read_yaml(text: str, source: str) -> Any:

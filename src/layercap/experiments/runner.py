@@ -1,4 +1,9 @@
-"""The stage manifest (``stages.json``) and stage-level caching of ``layercap run``.
+"""The one stage runner of every job and sweep: manifest (``stages.json``), content-hashed
+inputs, atomic outputs, resume.
+
+The main job (``layercap run``), the pruning sweep (``compare-pruning``) and the allocation
+sweep (``compare-allocation``, with fine-tuning as a stage) are each a list of :class:`Stage`
+run by :func:`run_stages` through one :class:`StageRunner`.
 
 Every stage has an *input hash*: the SHA-256 of its config section, the hashes of the upstream
 artefacts it reads and the calibration data's SHA-256 (whatever the stage function declares).
@@ -7,6 +12,12 @@ to the manifest, which is rewritten atomically. A rerun skips a stage when its r
 same input hash and every recorded output still exists with the recorded hash; so a run that
 was interrupted (Ctrl-C, SIGKILL, a crash) continues with the first stage that did not finish,
 and changing one config field reruns only the stages that depend on it.
+
+A stage that starts is recorded under ``pending`` with its input hash before it runs. When the
+same stage starts again with the same input hash (it was interrupted), ``StageRunner.resuming``
+is True while it runs, so a stage with its own checkpoints (fine-tuning) continues them; with a
+different input hash it is False, and the stage must start from scratch (never reuse work done
+with other settings).
 
 Schema ``layercap.stages/v1``::
 
@@ -74,9 +85,13 @@ class Manifest:
     """Records of the finished stages of one run directory, in the order they finished."""
 
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)  # stage -> input hash of a started, unfinished run
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "stages": {name: rec.to_dict() for name, rec in self.stages.items()}}
+        doc: dict[str, Any] = {"schema": SCHEMA, "stages": {name: rec.to_dict() for name, rec in self.stages.items()}}
+        if self.pending:
+            doc["pending"] = dict(self.pending)
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Any, source: str = MANIFEST) -> "Manifest":
@@ -84,7 +99,8 @@ class Manifest:
             raise LayercapError(f"{source}: not a layercap stage manifest ({SCHEMA}); delete it (the run restarts from "
                                 "scratch) or pass another -o directory.")
         try:
-            return cls({name: StageRecord.from_dict(rec) for name, rec in doc["stages"].items()})
+            pending = {str(k): str(v) for k, v in (doc.get("pending") or {}).items()}
+            return cls({name: StageRecord.from_dict(rec) for name, rec in doc["stages"].items()}, pending)
         except (KeyError, TypeError, ValueError) as exc:
             raise LayercapError(f"{source}: malformed stage record ({exc}); delete the file to rerun every stage.") from exc
 
@@ -177,6 +193,7 @@ class StageRunner:
         self.manifest_path = self.run_dir / MANIFEST
         self.manifest = Manifest.load(self.manifest_path)
         self.log = log or (lambda msg: None)
+        self.resuming = False  # True while a stage runs again with the input hash it was interrupted with
 
     def reorder(self, names: list[str]) -> None:
         """Keep only the records of ``names``, in that order (the plan's order), and save."""
@@ -210,9 +227,15 @@ class StageRunner:
             return StageOutcome(name, True, self.manifest.stages[name])
         # An out-of-date record stays until the stage finishes (its input hash no longer
         # matches, so it can never be mistaken for a fresh one) and keeps its place in the order.
+        self.resuming = self.manifest.pending.get(name) == input_hash
+        self.manifest.pending[name] = input_hash
+        self.manifest.save(self.manifest_path)
         _test_hook(name)
-        with measure(self.device) as m:
-            outputs = fn()
+        try:
+            with measure(self.device) as m:
+                outputs = fn()
+        finally:
+            self.resuming = False
         missing = [rel for rel in outputs if not (self.run_dir / rel).exists()]
         if missing:
             raise LayercapError(f"internal: stage {name} did not write {missing}")
@@ -224,6 +247,7 @@ class StageRunner:
             finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         self.manifest.stages[name] = rec
+        self.manifest.pending.pop(name, None)
         self.manifest.save(self.manifest_path)
         self.log(f"{name}: done in {rec.wall_time_s:.1f} s")
         return StageOutcome(name, False, rec)
@@ -249,3 +273,62 @@ def _test_hook(name: str) -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
     raise KeyboardInterrupt(f"{TEST_HOOK_ENV}={spec}")
+
+
+# ---- plans --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a plan: its name, what its cache key is made of, and what to run.
+
+    ``inputs(ctx)`` returns JSON-able data (settings, upstream artefact hashes, data hashes);
+    ``run(ctx)`` writes the stage's artefacts and returns their paths relative to the run dir.
+    """
+
+    name: str
+    inputs: Callable[[Any], Any]
+    run: Callable[[Any], list[str]]
+
+
+SUMMARY_SCHEMA = "layercap.run-summary/v1"
+
+
+@dataclass
+class RunSummary:
+    """What one invocation did: per stage, whether it ran or was cached, and its wall time (s)."""
+
+    run_dir: str
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SUMMARY_SCHEMA, "run_dir": self.run_dir, "ran": self.ran, "skipped": self.skipped,
+                "wall_time_s": round(self.wall_time_s, 3)}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "RunSummary":
+        return cls(doc["run_dir"], list(doc["ran"]), list(doc["skipped"]), float(doc["wall_time_s"]))
+
+
+def run_stages(runner: StageRunner, stages: list[Stage], ctx: Any, log: Callable[[str], None] = lambda msg: None,
+               keep_only_plan: bool = True) -> RunSummary:
+    """Run (or skip, when unchanged) every stage in order; return what ran and what was cached.
+
+    ``keep_only_plan``: records of stages the plan no longer has are dropped from the manifest
+    (their files stay), so that the manifest lists this plan's stages in the plan's order.
+    """
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise LayercapError(f"internal: a plan names a stage twice ({sorted(n for n in names if names.count(n) > 1)[0]})")
+    if keep_only_plan:
+        runner.reorder(names)
+    summary = RunSummary(str(runner.run_dir))
+    start = time.perf_counter()
+    for i, stage in enumerate(stages, start=1):
+        log(f"[{i}/{len(stages)}] {stage.name}")
+        outcome = runner.run(stage.name, stage.inputs(ctx), lambda stage=stage: stage.run(ctx))
+        (summary.skipped if outcome.skipped else summary.ran).append(stage.name)
+        if keep_only_plan:
+            runner.reorder(names)
+    summary.wall_time_s = time.perf_counter() - start
+    return summary

@@ -3,7 +3,7 @@
 Each ``stage_*`` function reads what it needs from the run directory, calls one library API,
 writes its artefact(s) atomically and returns their paths relative to the run directory. Each
 ``*_inputs`` function returns what the stage's cache key is made of (config fields, upstream
-artefact hashes, data hashes); see :mod:`layercap.pipeline.manifest`.
+artefact hashes, data hashes); see :mod:`layercap.experiments.runner`.
 
 Run directory layout (paths relative to it)::
 
@@ -32,8 +32,8 @@ import numpy as np
 from layercap.errors import LayercapError
 from layercap.io import atomic_directory, atomic_write_bytes, atomic_write_json
 from layercap.models.load import model_source, set_model_source
-from layercap.pipeline.config import RULE_SOURCES, PipelineConfig
-from layercap.pipeline.manifest import StageRunner, hash_output
+from layercap.experiments.config import RULE_SOURCES, PipelineConfig
+from layercap.experiments.runner import Stage, StageRunner, hash_output
 from layercap.scores.api import versions as _versions
 
 EVAL_SCHEMA = "layercap.run-eval/v1"
@@ -51,6 +51,9 @@ class RunContext:
     runner: StageRunner
     device: str = "cpu"
     log: Callable[[str], None] = field(default=lambda msg: None)
+    # the dense (model, tokenizer), loaded once per invocation: stages get deep copies, so a
+    # stage that prunes or adapts in place never touches another stage's model
+    dense: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def path(self, rel: str) -> Path:
         return self.run_dir / rel
@@ -135,10 +138,17 @@ def model_dir_or_spec(ctx: RunContext) -> str:
 
 def load_run_model(ctx: RunContext, with_tokenizer: bool = True, path: str | None = None):
     """(model, tokenizer) of the run: the saved tiny model, the pruned checkpoint at ``path``, or the spec."""
+    import copy
+
     from layercap.models import load_model
 
-    model, tokenizer = load_model(path or model_dir_or_spec(ctx), dtype=ctx.config.model.dtype, device=ctx.device,
-                                  with_tokenizer=with_tokenizer)
+    if path is None:
+        if ctx.dense is None:
+            ctx.dense = load_model(model_dir_or_spec(ctx), dtype=ctx.config.model.dtype, device=ctx.device)
+        model, tokenizer = copy.deepcopy(ctx.dense[0]), ctx.dense[1]
+        tokenizer = tokenizer if with_tokenizer else None
+    else:
+        model, tokenizer = load_model(path, dtype=ctx.config.model.dtype, device=ctx.device, with_tokenizer=with_tokenizer)
     # Artefacts name the model by its spec (and run-relative path), never by an absolute path,
     # so that the same run in another directory writes byte-identical files.
     label = ctx.config.model.spec
@@ -480,15 +490,6 @@ def preflight(config: PipelineConfig) -> None:
 
 
 # ---- the plan -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Stage:
-    """One stage: its name, how to compute its cache key, and what to run."""
-
-    name: str
-    inputs: Callable[[RunContext], Any]
-    run: Callable[[RunContext], list[str]]
-
-
 def plan(config: PipelineConfig) -> list[Stage]:
     """The stages of a run, in execution order (each depends only on stages before it)."""
     stages = [Stage("model", model_inputs, stage_model), Stage("data", data_inputs, stage_data)]
