@@ -10,16 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from layercap.apply.finetune import (
-    Collator,
-    FinetuneOptions,
-    FinetuneResult,
-    answer_token_loss,
-    encode_example,
-    finetune,
-    instruction_task,
-    render_prompt,
-)
+from layercap.apply.finetune import Collator, FinetuneOptions, answer_token_loss
+from layercap.data.instruction import encode_example, instruction_task, render_prompt
+from layercap.experiments.finetune_job import FinetuneResult, finetune
 from layercap.errors import LayercapError
 from layercap.models import find_blocks
 from layercap.models.tiny import build_tiny, tiny_tokenizer
@@ -218,7 +211,7 @@ def test_cli_finetune(arc, tmp_path, capsys):
 
 
 def test_shared_prefix_scoring_equals_choice_by_choice(arc, shared_data):
-    from layercap.apply.finetune import score_shared_prefix
+    from layercap.evaluate.shared_prefix import score_shared_prefix
     from layercap.data.tasks import load_task
     from layercap.evaluate.multiple_choice import evaluate_task, loglikelihoods
 
@@ -230,7 +223,7 @@ def test_shared_prefix_scoring_equals_choice_by_choice(arc, shared_data):
         assert (fast.acc, fast.acc_norm, fast.n) == (slow.acc, slow.acc_norm, slow.n)
         assert fast.acc_stderr == pytest.approx(slow.acc_stderr, nan_ok=True)
     # and the log-likelihoods themselves agree with choice-by-choice scoring
-    from layercap.apply.finetune import shared_prefix_logliks
+    from layercap.evaluate.shared_prefix import shared_prefix_logliks
 
     got = shared_prefix_logliks(model, tok, inst, batch_size=3, progress=False)
     for it, ll in zip(inst.items, got):

@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from layercap.commands.compare_allocation import Cell, RuleSpec, mean_std, paired_differences, parse_rule, uniform_scores
+from layercap.experiments.common import placeholder_scores as uniform_scores
+from layercap.programs.rules import RuleSpec, parse_rule as _parse_rule
+from layercap.report.allocation_table import Cell
+from layercap.report.statistics import mean_std, paired_differences
+
+
+def parse_rule(text):
+    return _parse_rule(text, "allocation")
 from layercap.errors import LayercapError
 from layercap.models import find_blocks
 from layercap.models.tiny import build_tiny
@@ -26,12 +33,12 @@ def _tiny_dir(tmp_path):
 
 
 def test_parse_rule():
-    assert parse_rule("mdl") == RuleSpec("mdl", "kfac") and parse_rule("mdl:diag").label == "mdl:diag"
-    assert parse_rule("layerif") == RuleSpec("layerif", "influence") and parse_rule("layerif").label == "layerif"
-    assert parse_rule("alphalora").method == "alpha-hill" and parse_rule("uniform").method is None
-    with pytest.raises(LayercapError, match="not an allocation rule"):
+    assert parse_rule("mdl") == RuleSpec("mdl", "kfac", "allocation") and parse_rule("mdl:diag").label == "mdl:diag"
+    assert parse_rule("layerif") == RuleSpec("layerif", "influence", "allocation") and parse_rule("layerif").label == "layerif"
+    assert parse_rule("alphalora").source == "alpha-hill" and parse_rule("uniform").source is None
+    with pytest.raises(LayercapError, match="allocation rule 'best' is unknown"):
         parse_rule("best")
-    with pytest.raises(LayercapError, match="uses no scores"):
+    with pytest.raises(LayercapError, match="reads no scores"):
         parse_rule("uniform:kfac")
 
 
@@ -60,7 +67,7 @@ def test_statistics():
 
 def test_cli_compare_allocation_and_resume(arc, shared_data, tmp_path, capsys):
     from layercap.cli import main
-    from layercap.commands.compare_allocation import Comparison
+    from layercap.report.allocation_table import AllocationComparison as Comparison
 
     model_dir, names = _tiny_dir(tmp_path)
     boolq = shared_data / "tasks" / "boolq"

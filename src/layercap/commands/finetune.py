@@ -5,34 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layercap.commands._options import add_fields, build_options, field_values
 from layercap.errors import LayercapError
 
 NAME = "finetune"
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by finetune and compare-allocation."""
-    p.add_argument("--adapter", choices=("moe", "lora"), default="moe",
-                   help="moe: n_k LoRA experts per adapted Linear of block k; lora: PEFT LoRA of rank RANK*n_k (default moe)")
-    p.add_argument("--rank", type=int, default=8, help="rank of each expert (moe) or the rank unit (lora); default 8")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (moe; all when a block has fewer); default 2")
-    p.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss coefficient (moe); default 0.01")
-    p.add_argument("--targets", default=None,
-                   help="comma-separated Linear names to adapt (default: q,k,v,o and MLP projections of the architecture)")
-    p.add_argument("--train", required=True, help="training task file (e.g. ../shared/data/tasks/ARC-Easy/train.json)")
-    p.add_argument("--eval", default=None, help="evaluation task file or directory (optional)")
-    p.add_argument("--eval-format", choices=("instruction", "zero-shot", "both"), default="instruction",
-                   help="score the trained instruction format, the harness zero-shot prompts, or both (default instruction)")
-    p.add_argument("--epochs", type=float, default=1.0, help="training epochs (ignored when --max-steps > 0); default 1")
-    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, linear decay; default 2e-4")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size; default 8")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="evaluation batch size; default 8")
-    p.add_argument("--max-length", type=int, default=256, help="max tokens per training example; default 256")
-    p.add_argument("--limit-train", type=int, default=None, help="train on a seeded random subset of N examples")
-    p.add_argument("--limit-eval", type=int, default=None, help="evaluate on a fixed random subset of N items (seed 0)")
-    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every S steps (default: about 5 per run)")
+def add_training_args(p: argparse.ArgumentParser, per_task: bool = False) -> None:
+    """Flags shared by finetune and compare-allocation: the FinetuneOptions fields, plus data and
+    dtype. ``per_task``: --train / --eval take one path per task, paired by position."""
+    from layercap.apply.finetune import FinetuneOptions
+
+    add_fields(p, FinetuneOptions, only=FinetuneOptions.cli_fields())
+    many = {"nargs": "+"} if per_task else {}
+    p.add_argument("--train", required=True, help="training task file (e.g. ../shared/data/tasks/ARC-Easy/train.json)"
+                   + (", one per task" if per_task else ""), **many)
+    p.add_argument("--eval", default=[] if per_task else None, help="evaluation task file or directory"
+                   + (", one per --train file" if per_task else " (optional)"), **many)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype; default float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -40,14 +29,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def options_from_args(args, seed: int):
     from layercap.apply.finetune import FinetuneOptions
 
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    return FinetuneOptions(
-        adapter=args.adapter, rank=args.rank, alpha=args.alpha, top_k=args.top_k, aux_coef=args.aux_coef,
-        targets=targets, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-        max_length=args.max_length, seed=seed, limit_train=args.limit_train, limit_eval=args.limit_eval,
-        eval_batch_size=args.eval_batch_size, eval_format=args.eval_format, save_steps=args.save_steps,
-        progress=not args.no_progress,
-    )
+    return build_options(FinetuneOptions, field_values(args, FinetuneOptions, seed=seed, progress=not args.no_progress))
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -95,11 +77,10 @@ def print_result(result) -> None:
 
 
 def main(args) -> int:
-    from layercap.apply.finetune import finetune
+    from layercap.experiments.finetune_job import finetune
     from layercap.models import load_model
 
     options = options_from_args(args, args.seed)
-    options.validate()
     counts, allocation = load_counts(args.allocation)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     result = finetune(model, tokenizer, counts, args.train, Path(args.output), options, eval_path=args.eval,

@@ -1,0 +1,58 @@
+"""Flags from options dataclasses: defaults and help come from the fields, errors map to flags.
+
+An options dataclass validates itself in ``__post_init__`` and its errors name fields
+(``rank must be >= 1``); :func:`build_options` turns them into flag names (``--rank must be >= 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import MISSING, fields
+from typing import Any
+
+from layercap.errors import LayercapError
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_fields(parser: argparse.ArgumentParser, cls, only=None, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (``only``: a list of those fields; ``skip``: names to leave
+    out), typed by its annotation."""
+    for f in (only if only is not None else fields(cls)):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else None
+        help_ = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"default": default, "help": f"{help_} (default {default})" if default is not None else help_}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        annotation = str(f.type)
+        if annotation.startswith("list"):
+            kwargs["type"] = lambda text: [t.strip() for t in text.split(",") if t.strip()]
+            kwargs["help"] += " (comma-separated)"
+        elif annotation.startswith("bool"):
+            kwargs = {"action": "store_true", "help": help_}
+        elif annotation.startswith("int"):
+            kwargs["type"] = int
+        elif annotation.startswith("float"):
+            kwargs["type"] = float
+        parser.add_argument(flag(f.name), dest=f.name, **kwargs)
+
+
+def field_values(args: argparse.Namespace, cls, **overrides) -> dict[str, Any]:
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return values
+
+
+def build_options(cls, values: dict[str, Any]):
+    """``cls(**values)``, with field names in a validation error replaced by their flags."""
+    try:
+        return cls(**values)
+    except LayercapError as exc:
+        names = sorted((f.name for f in fields(cls)), key=len, reverse=True)
+        text = re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b", lambda m: flag(m.group(1)), str(exc), count=1)
+        raise LayercapError(text) from exc
