@@ -10,7 +10,20 @@ import numpy as np
 import pytest
 
 from layercap.errors import LayercapError
-from layercap.evaluate.comparison import Comparison, RuleSpec, cell_id, parse_rule, run_comparison
+from layercap.experiments.pruning_sweep import PruningSweepOptions, run_pruning_sweep
+from layercap.programs.rules import RuleSpec
+from layercap.programs.rules import parse_rule as _parse_rule
+from layercap.report.pruning_table import Comparison, cell_id
+
+
+def parse_rule(text):
+    from layercap.scores import available_methods
+
+    return _parse_rule(text, "pruning", known_sources=available_methods())
+
+
+def run_comparison(model, rules, methods, sparsities, out, log=None, **kw):
+    return run_pruning_sweep(PruningSweepOptions(model, rules, methods, sparsities, **kw), out, log=lambda m: None)[0]
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pruning removes weights; experts add capacity. " * 40
 TASK = [
@@ -97,9 +110,19 @@ def test_run_resume_and_outputs(setup, monkeypatch):
     assert len(calls) == 1 and [c.label for c in again.cells] == ["uniform", "mdl:diag", "owl"]
     assert again.cells[1].to_dict() == mdl.to_dict()
 
-    # other shared settings into the same OUTDIR: refused before any work
-    with pytest.raises(LayercapError, match="other settings"):
-        run_comparison(str(tmp / "m"), ["uniform"], ["wanda"], [0.5], out, **{**kw, "nsamples": 6})
+    # the same plan again: nothing reruns
+    opts = {k: v for k, v in kw.items() if k != "log"}
+    _, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["uniform", "mdl:diag"], ["wanda"], [0.5], **opts), out)
+    assert summary.ran == [] and len(summary.skipped) == 4
+    # other calibration windows: scores and cells rerun, the dense evaluation does not
+    _, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["uniform", "mdl:diag"], ["wanda"], [0.5],
+                                                       **{**opts, "nsamples": 6}), out)
+    assert summary.ran == ["scores:diag", "cell:uniform_wanda_s0.50", "cell:mdl-diag_wanda_s0.50"]
+    assert summary.skipped == ["dense"]
+    # only the cells of the latest settings are collected (the owl cell of nsamples 4 is not)
+    from layercap.experiments.pruning_sweep import collect
+
+    assert [c.label for c in collect(out).cells] == ["uniform", "mdl:diag"]
 
 
 @pytest.mark.parametrize(
@@ -141,7 +164,7 @@ def test_cli_compare_pruning(setup, capsys):
 
 def test_report_only_collects_finished_cells(setup, tmp_path):
     from layercap.cli import main
-    from layercap.evaluate.comparison import collect
+    from layercap.experiments.pruning_sweep import collect
 
     tmp, kw = setup
     out = tmp / "cmp"

@@ -1,8 +1,8 @@
 """``layercap compare-pruning``: ratio rules x pruners x sparsities on one model.
 
 Writes OUTDIR/comparison.json (``layercap.comparison/v1``), comparison.csv, comparison.md and
-comparison.png; per-cell results in OUTDIR/cells/ and cached scores in OUTDIR/scores/ make a
-rerun resume where it stopped (see ``layercap.evaluate.comparison``).
+comparison.png; the sweep is a plan of stages on the one runner
+(:mod:`layercap.experiments.pruning_sweep`), so a rerun computes only what is new or changed.
 """
 
 from __future__ import annotations
@@ -10,20 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from layercap.commands._options import build_options
+
 NAME = "compare-pruning"
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from layercap.apply.prune import PRUNERS
+
     p = subparsers.add_parser(
         NAME,
         help="compare ratio rules x pruners x sparsities on one model",
         description="Prune fresh copies of MODEL with every (rule, pruner, sparsity) on the same calibration windows, "
         "evaluate perplexity and zero-shot accuracy against the dense model, and write comparison.{json,csv,md,png} "
-        "to OUTDIR. Resumable: finished cells are kept in OUTDIR/cells and skipped on rerun.",
+        "to OUTDIR. Resumable: a rerun computes only the cells (and scores) whose settings are new or changed.",
     )
     p.add_argument("model", metavar="MODEL", help="model: a save_pretrained directory, a .gguf file, 'smollm2' or tiny-<family>")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5], metavar="S", help="target sparsities (default 0.5)")
-    p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=("wanda", "sparsegpt", "magnitude"),
+    p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=tuple(PRUNERS),
                    help="pruners (default wanda sparsegpt)")
     p.add_argument("--rules", nargs="+", default=["uniform", "owl", "alphapruning", "mdl:kfac"], metavar="RULE[:SOURCE]",
                    help="ratio rules: uniform, owl, alphapruning, layerif, mdl:SOURCE (SOURCE = a score method: diag, kfac, "
@@ -49,9 +53,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+FLAGS = {"sparsities": "--sparsity", "rules": "--rules", "methods": "--methods"}
+
+
 def main(args) -> int:
     from layercap.errors import LayercapError
-    from layercap.evaluate.comparison import collect, run_comparison, write_outputs
+    from layercap.experiments.pruning_sweep import PruningSweepOptions, collect, run_pruning_sweep
+    from layercap.report.pruning_table import write_outputs
 
     if args.report_only:
         result = collect(args.output)
@@ -61,21 +69,13 @@ def main(args) -> int:
         return 0
     if not args.data:
         raise LayercapError("--data is required: pass calibration text, e.g. --data ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
-    for flag, value in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--eval-seqlen", args.eval_seqlen), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise LayercapError(f"{flag} must be >= 1, got {value}.")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise LayercapError(f"--device {args.device} requested but CUDA is not available; use --device cpu.")
-    result = run_comparison(
-        args.model, args.rules, args.methods, args.sparsity, args.output,
-        data=args.data, nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
-        eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size,
-        min_ratio=args.min_ratio, max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device,
-        progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr),
-    )
+    options = build_options(PruningSweepOptions, dict(
+        model=args.model, rules=args.rules, methods=args.methods, sparsities=args.sparsity, data=args.data,
+        nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
+        eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size, min_ratio=args.min_ratio,
+        max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.quiet))
+    result, summary = run_pruning_sweep(options, args.output, log=lambda msg: print(msg, file=sys.stderr))
     print(result.markdown())
-    print(f"wrote {args.output}/comparison.json, comparison.csv, comparison.md, comparison.png")
+    print(f"ran {len(summary.ran)} stage(s), {len(summary.skipped)} unchanged; "
+          f"wrote {args.output}/comparison.json, comparison.csv, comparison.md, comparison.png")
     return 0

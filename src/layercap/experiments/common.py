@@ -51,7 +51,7 @@ def model_fingerprint(spec: str) -> dict[str, Any]:
     source = resolve_model(spec)
     root = source.directory / source.gguf_file if source.gguf_file else source.directory
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    entries = [(str(p.relative_to(root.parent if root.is_file() else root)), p.stat().st_size) for p in files]
+    entries = [[str(p.relative_to(root.parent if root.is_file() else root)), p.stat().st_size] for p in files]
     total = sum(size for _, size in entries)
     fp: dict[str, Any] = {"source": source.label, "files": entries}
     if total < (1 << 30):

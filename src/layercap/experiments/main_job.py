@@ -33,6 +33,15 @@ from layercap.errors import LayercapError
 from layercap.io import atomic_directory, atomic_write_bytes, atomic_write_json
 from layercap.models.load import model_source, set_model_source
 from layercap.experiments.config import RULE_SOURCES, PipelineConfig
+from layercap.experiments.common import (
+    compute_scores,
+    drop_timings,
+    is_tiny,
+    model_fingerprint,
+    prunable_scores,
+    read_json,
+    resolve_device,
+)
 from layercap.experiments.runner import Stage, StageRunner, hash_output
 from layercap.scores.api import versions as _versions
 
@@ -63,45 +72,14 @@ class RunContext:
         return {rel: self.runner.output_hash(rel) for rel in rels}
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; other values unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ---- model ---------------------------------------------------------------------------------------
-def is_tiny(spec: str) -> bool:
-    return spec.startswith("tiny-")
-
-
-def _source_fingerprint(spec: str) -> dict[str, Any]:
-    """Identifies the model weights without reading gigabytes: file names, sizes, mtimes;
-    plus the full SHA-256 of small models (under 1 GiB)."""
-    from layercap.models import resolve_model
-
-    source = resolve_model(spec)
-    root = source.directory / source.gguf_file if source.gguf_file else source.directory
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    entries = [(str(p.relative_to(root.parent if root.is_file() else root)), p.stat().st_size) for p in files]
-    total = sum(size for _, size in entries)
-    fp: dict[str, Any] = {"source": source.label, "files": entries}
-    if total < (1 << 30):
-        fp["sha256"] = hash_output(root)
-    else:
-        fp["mtimes"] = [p.stat().st_mtime_ns for p in files]
-    return fp
-
-
 def model_inputs(ctx: RunContext) -> dict[str, Any]:
     m = ctx.config.model
     inputs: dict[str, Any] = {"model": {k: getattr(m, k) for k in ("spec", "blocks", "modules")}}
     if is_tiny(m.spec):
         inputs["tiny"] = {"layers": m.tiny_layers, "hidden": m.tiny_hidden, "seed": m.seed}
     else:
-        inputs["fingerprint"] = _source_fingerprint(m.spec)
+        inputs["fingerprint"] = model_fingerprint(m.spec)
     return inputs
 
 
@@ -215,25 +193,22 @@ def score_inputs(ctx: RunContext, method: str) -> dict[str, Any]:
 
 
 def stage_score(ctx: RunContext, method: str) -> list[str]:
-    from layercap.scores import ScoreOptions, score_model
+    from layercap.scores import ScoreOptions
 
     s = ctx.config.scoring
     model, _ = load_run_model(ctx, with_tokenizer=False)
-    calib = load_calibration(ctx)
-    options = ScoreOptions(batch_size=s.batch_size, damping=s.damping, device=ctx.device, progress=True,
-                           **_score_option_extras(ScoreOptions, s.options))
-    scores = score_model(model, method, calib, options=options, blocks_regex=ctx.config.model.blocks,
-                         modules_regex=ctx.config.model.modules, metadata={"model": ctx.config.model.spec})
-    scores.metadata = drop_timings(scores.metadata)
     rel = f"scores/{method}.json"
-    scores.save(ctx.path(rel))
+    extras = _score_option_extras(ScoreOptions, s.options)
+    compute_scores(model, method, load_calibration(ctx), ctx.path(rel), batch_size=s.batch_size, device=ctx.device,
+                   progress=True, metadata={"model": ctx.config.model.spec}, damping=s.damping,
+                   seed=extras.pop("seed", 0), **extras)
     return [rel]
 
 
 def _score_option_extras(options_cls, extras: dict[str, Any]) -> dict[str, Any]:
     from dataclasses import fields
 
-    allowed = {f.name for f in fields(options_cls)} - {"batch_size", "damping", "device", "progress"}
+    allowed = {f.name for f in fields(options_cls)} - {"batch_size", "damping", "device", "progress", "extra"}
     unknown = sorted(set(extras) - allowed)
     if unknown:
         raise LayercapError(f"scoring.options: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}.")
@@ -290,34 +265,8 @@ def stage_ratios(ctx: RunContext, rule: str) -> list[str]:
 
 
 def _with_prunable_params(ctx: RunContext, scores):
-    """Scores whose ``params`` are the blocks' prunable (Linear) weights N_k, as the pruning
-    program's constraint sum N_k rho_k = s sum N_k counts them."""
-    from layercap.scorefile import LayerScore, LayerScores
-
     blocks = {b["name"]: b["prunable"] for b in read_json(ctx.path("model.json"))["blocks"]}
-    missing = [n for n in scores.names if n not in blocks]
-    if missing:
-        raise LayercapError(f"scores name block {missing[0]!r}, which the model does not have; rerun scoring.")
-    layers = [LayerScore(l.name, l.zeta2, blocks[l.name], l.cost) for l in scores.layers]
-    return LayerScores(layers, scores.method, dict(scores.metadata))
-
-
-VOLATILE_KEYS = frozenset({"timing", "timings", "wall_time_s", "seconds", "peak_memory_bytes"})
-
-
-def drop_timings(doc: Any) -> Any:
-    """``doc`` without timing and memory fields, at any depth. They live in ``stages.json``;
-    keeping them out of the artefacts makes a resumed run's files byte-identical to an
-    uninterrupted run's (and keeps downstream cache keys stable)."""
-    if isinstance(doc, dict):
-        return {k: drop_timings(v) for k, v in doc.items() if k not in VOLATILE_KEYS}
-    if isinstance(doc, list):
-        return [drop_timings(v) for v in doc]
-    return doc
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return prunable_scores(scores, blocks)
 
 
 # ---- pruning ------------------------------------------------------------------------------------------

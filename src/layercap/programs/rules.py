@@ -146,7 +146,7 @@ def parse_rule(text: str, program: str, curvature: str = DEFAULT_CURVATURE, know
         return RuleSpec(rule, None, program)
     source = source or (curvature if declared == CURVATURE else declared)
     if known_sources is not None and source not in known_sources:
-        raise LayercapError(f"rule {text!r}: score method {source!r} does not exist; choose one of {', '.join(sorted(known_sources))}.")
+        raise LayercapError(f"rule {text!r}: score method {source!r} is not available; choose one of {', '.join(sorted(known_sources))}.")
     return RuleSpec(rule, source, program)
 
 

@@ -1,0 +1,179 @@
+"""The pruning comparison's record (``layercap.comparison/v1``: shared settings, the dense
+reference and one cell per (rule, pruner, sparsity)) and its renderings: CSV rows, a Markdown
+table per (pruner, sparsity) block with the best value in bold, and the PNG
+(:mod:`layercap.report.compare_plot`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layercap.errors import LayercapError
+from layercap.evaluate import EvalResult
+from layercap.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from layercap.programs.rules import RuleSpec
+
+SCHEMA = "layercap.comparison/v1"
+CELL_SCHEMA = "layercap.comparison_cell/v1"
+# table order of the rules (others after these, by name)
+RULE_ORDER = {"uniform": 0, "owl": 1, "alphapruning": 2, "layerif": 3, "mdl": 4}
+
+
+def cell_id(rule: RuleSpec, method: str, sparsity: float) -> str:
+    """File-name-safe id of a cell, e.g. ``mdl-kfac_wanda_s0.50``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{rule.label}_{method}_s{sparsity:.2f}")
+
+
+@dataclass
+class CellResult:
+    """One (rule, pruner, sparsity) cell: the per-block ratios applied, the achieved sparsity
+    of the pruned Linear weights, the evaluation, and wall times (s)."""
+
+    rule: str
+    source: str | None
+    method: str
+    sparsity: float
+    achieved: float
+    ratios: dict[str, float]
+    eval: EvalResult
+    prune_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    settings_sha256: str | None = None  # the shared settings the cell was computed with (None: written before they were recorded)
+
+    @property
+    def label(self) -> str:
+        return RuleSpec(self.rule, self.source, "pruning").label
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": CELL_SCHEMA,
+            "rule": self.rule,
+            "source": self.source,
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "achieved": self.achieved,
+            "ratios": dict(self.ratios),
+            "eval": self.eval.to_dict(),
+            "prune_seconds": self.prune_seconds,
+            "eval_seconds": self.eval_seconds,
+            "warnings": list(self.warnings),
+            "settings_sha256": self.settings_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CellResult":
+        if d.get("schema") != CELL_SCHEMA:
+            raise LayercapError(f"not a comparison cell (schema {d.get('schema')!r}).")
+        return cls(
+            d["rule"], d.get("source"), d["method"], float(d["sparsity"]), float(d["achieved"]),
+            {k: float(v) for k, v in d["ratios"].items()}, EvalResult.from_dict(d["eval"]),
+            float(d.get("prune_seconds", 0.0)), float(d.get("eval_seconds", 0.0)), list(d.get("warnings", [])),
+            d.get("settings_sha256"),
+        )
+
+
+@dataclass
+class Comparison:
+    """The whole table: shared ``settings``, the ``dense`` reference and the ``cells``."""
+
+    settings: dict
+    dense: EvalResult
+    cells: list[CellResult]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "settings": dict(self.settings),
+            "dense": self.dense.to_dict(),
+            "cells": [c.to_dict() for c in self.cells],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Comparison":
+        if d.get("schema") != SCHEMA:
+            raise LayercapError(f"not a comparison (schema {d.get('schema')!r}, expected {SCHEMA!r}).")
+        return cls(dict(d["settings"]), EvalResult.from_dict(d["dense"]), [CellResult.from_dict(c) for c in d["cells"]])
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Comparison":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LayercapError(f"cannot read comparison {path}: {exc}.") from exc
+
+    # ---- tables -----------------------------------------------------------------------------
+    def columns(self) -> tuple[list[str], list[str]]:
+        return list(self.dense.ppl), list(self.dense.tasks)
+
+    def rows(self) -> list[dict]:
+        """One flat row per model (dense first): ppl per text, acc per task, the means."""
+        ppl_keys, task_keys = self.columns()
+
+        def row(label, method, sparsity, achieved, ev: EvalResult) -> dict:
+            r = {"rule": label, "method": method, "sparsity": sparsity, "achieved": achieved}
+            r.update({f"ppl:{k}": ev.ppl[k].ppl if k in ev.ppl else None for k in ppl_keys})
+            r.update({f"acc:{k}": ev.tasks[k].acc if k in ev.tasks else None for k in task_keys})
+            r["mean_acc"] = ev.mean_acc
+            r["mean_acc_above_chance"] = ev.mean_acc_above_chance
+            return r
+
+        out = [row("dense", "-", 0.0, 0.0, self.dense)]
+        out += [row(c.label, c.method, c.sparsity, c.achieved, c.eval) for c in self.cells]
+        return out
+
+    def write_csv(self, path: str | Path) -> Path:
+        rows = self.rows()
+        header = list(rows[0])
+        return atomic_write_csv(path, header, [[r[h] for h in header] for r in rows])
+
+    def markdown(self) -> str:
+        """Markdown table per (pruner, sparsity) block of rows; best value per block in bold."""
+        ppl_keys, task_keys = self.columns()
+        above = self.dense.above_chance
+        head = ["rule", "pruner", "sparsity"] + [f"ppl {k}" for k in ppl_keys] + [f"{k} acc" for k in task_keys]
+        head += [f"mean acc (above chance: {', '.join(above) or 'none'})", "mean acc (all)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def fmt(v, digits):
+            return "n/a" if v is None else f"{v:.{digits}f}"
+
+        d = self.dense
+        lines.append(
+            "| " + " | ".join(["dense", "-", "0"] + [fmt(d.ppl[k].ppl, 2) for k in ppl_keys] + [fmt(d.tasks[k].acc, 3) for k in task_keys]
+                              + [fmt(d.mean_acc_above_chance, 4), fmt(d.mean_acc, 4)]) + " |"
+        )
+        groups: dict[tuple[str, float], list[CellResult]] = {}
+        for c in self.cells:
+            groups.setdefault((c.method, c.sparsity), []).append(c)
+        for (method, s), cells in groups.items():
+            best_ppl = {k: min((c.eval.ppl[k].ppl for c in cells if k in c.eval.ppl), default=None) for k in ppl_keys}
+            accs = [c.eval.mean_acc_above_chance for c in cells if c.eval.mean_acc_above_chance is not None]
+            best_acc = max(accs) if accs else None
+            for c in cells:
+                vals = []
+                for k in ppl_keys:
+                    v = c.eval.ppl[k].ppl if k in c.eval.ppl else None
+                    vals.append(f"**{fmt(v, 2)}**" if v is not None and v == best_ppl[k] and len(cells) > 1 else fmt(v, 2))
+                vals += [fmt(c.eval.tasks[k].acc if k in c.eval.tasks else None, 3) for k in task_keys]
+                m = c.eval.mean_acc_above_chance
+                vals.append(f"**{fmt(m, 4)}**" if m is not None and m == best_acc and len(cells) > 1 else fmt(m, 4))
+                vals.append(fmt(c.eval.mean_acc, 4))
+                lines.append("| " + " | ".join([c.label, method, f"{s:g}"] + vals) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: Comparison, outdir: str | Path) -> None:
+    """comparison.json, .csv, .md and .png in ``outdir``."""
+    from layercap.report.compare_plot import plot_comparison
+
+    outdir = Path(outdir)
+    result.save(outdir / "comparison.json")
+    result.write_csv(outdir / "comparison.csv")
+    atomic_write_text(outdir / "comparison.md", result.markdown())
+    plot_comparison(result, outdir / "comparison.png")
