@@ -177,3 +177,12 @@ def test_embedded_yaml_restates_the_dataclass_defaults():
         for f in fields(cls):
             if (section, f.name) != ("data", "root"):  # the env-dependent one
                 assert doc[section][f.name] == _default_of(f), f"{section}.{f.name}"
+
+
+def test_config_lists_every_registered_pruner_and_score_method():
+    from layercap.apply.prune import PRUNERS
+    from layercap.experiments.config import PRUNE_METHODS, SCORE_METHODS
+    from layercap.scores import available_methods
+
+    assert set(PRUNE_METHODS) == set(PRUNERS)
+    assert sorted(SCORE_METHODS) == available_methods() and "kfac" in SCORE_METHODS

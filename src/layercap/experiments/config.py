@@ -29,7 +29,27 @@ from layercap.programs import rules as _rules
 
 SCHEMA = "layercap.experiments-config/v1"
 
-SCORE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact", "influence", "alpha-hill", "owl")
+class RegisteredScoreMethods:
+    """The score registry's method names, looked up when a config is validated (importing the
+    registry's plugins pulls in torch and transformers, which a config alone does not need).
+    Iterates like a tuple; ``str()`` is the README's description."""
+
+    ORDER = ("gradnorm", "diag", "kfac", "ekfac", "exact", "influence", "alpha-hill", "owl")  # curvature first
+
+    def names(self) -> tuple[str, ...]:
+        from layercap.scores import available_methods
+
+        known = available_methods()
+        return tuple(m for m in self.ORDER if m in known) + tuple(m for m in known if m not in self.ORDER)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, name) -> bool:
+        return name in self.names()
+
+
+SCORE_METHODS = RegisteredScoreMethods()
 ALLOCATION_RULES = _rules.ALLOCATION_RULES
 RATIO_RULES = _rules.PRUNING_RULES
 # The score source each baseline rule reads. The others read the section's `scores` (mdl,
@@ -37,7 +57,7 @@ RATIO_RULES = _rules.PRUNING_RULES
 RULE_SOURCES = {(section, name): rule.source
                 for section, rules in (("allocation", ALLOCATION_RULES), ("pruning", RATIO_RULES))
                 for name, rule in rules.items() if rule.source not in (None, _rules.CURVATURE)}
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")  # layercap.apply.prune.PRUNERS (a test keeps them equal)
 
 
 def _f(doc: str, *, choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
@@ -419,7 +439,9 @@ def config_table() -> str:
             if section == "data" and f.name == "root":
                 default = "../shared/data"
             allowed = ""
-            if meta.get("choices"):
+            if isinstance(meta.get("choices"), RegisteredScoreMethods):
+                allowed = "a registered score method (`layercap score --help` lists them)"
+            elif meta.get("choices"):
                 allowed = " / ".join(meta["choices"])
             elif (meta.get("kind") or "").rstrip("?") in ("int", "float", "auto-or-float"):
                 allowed = _range_text(meta).replace("a number", "integer" if meta["kind"].startswith("int") else "number")
