@@ -106,3 +106,29 @@ def test_one_seed_has_no_standard_error():
     (p,) = paired_differences(cells, ["uniform", "mdl:kfac"], ["t"])
     assert p["diff_se"] is None and p["beyond_2se"] is False
     json.dumps(p, allow_nan=False)
+
+
+def test_sweep_reruns_exactly_what_a_changed_setting_reaches(arc, tmp_path):
+    """Budget 8 -> 12 reruns allocations and fine-tuning but not scores; nothing changed reruns
+    nothing; an old cell is never reused under a new budget."""
+    from layercap.apply.finetune import FinetuneOptions
+    from layercap.experiments.allocation_sweep import AllocationSweepOptions, run_allocation_sweep
+
+    model_dir, _ = _tiny_dir(tmp_path)
+    ft = FinetuneOptions(rank=2, max_steps=1, batch_size=4, max_length=48, limit_train=4, limit_eval=4, progress=False)
+
+    def sweep(budget):
+        opts = AllocationSweepOptions(str(model_dir), budget, ["uniform", "mdl:gradnorm"], [str(arc / "train.json")],
+                                      [str(arc / "test.json")], calib_nsamples=2, calib_seqlen=16, finetune=ft)
+        return run_allocation_sweep(opts, tmp_path / "out", resume=True)
+
+    c8, s8 = sweep(8)
+    assert sorted(s8.ran) == sorted(["scores:ARC-Easy:gradnorm", "allocation:ARC-Easy:uniform", "allocation:ARC-Easy:mdl:gradnorm",
+                                     "finetune:ARC-Easy:uniform:seed0", "finetune:ARC-Easy:mdl:gradnorm:seed0"])
+    _, again = sweep(8)
+    assert again.ran == [] and len(again.skipped) == 5
+    c12, s12 = sweep(12)
+    assert "scores:ARC-Easy:gradnorm" in s12.skipped and len(s12.ran) == 4
+    assert all(sum(ns) == 12 for ns in c12.allocations["ARC-Easy"].values())
+    record = json.loads((tmp_path / "out" / "runs" / "ARC-Easy" / "uniform" / "seed0" / "finetune.json").read_text())
+    assert sum(layer["n"] for layer in record["allocation"]["layers"]) == 12  # the adapter was trained with the new budget
