@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layercap.data.bos import add_bos_argument
 from layercap.errors import LayercapError
+from layercap.models.checks import check_device, check_seqlen
 
 NAME = "evaluate"
 
@@ -32,6 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="seeded random subset of N items per task")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default 8)")
+    add_bos_argument(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
     p.add_argument("--reference", metavar="EVAL_JSON", help="eval.json of a reference (dense) model: decides the tasks 'above chance'")
@@ -58,11 +61,7 @@ def validate(args) -> None:
     out = Path(args.output)
     if out.is_dir():
         raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as eval.json.")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise LayercapError(f"--device {args.device} requested but CUDA is not available; use --device cpu.")
+    check_device(args.device)
     if args.lm_eval:
         try:
             import lm_eval  # noqa: F401
@@ -91,6 +90,8 @@ def main(args) -> int:
         load_task(t, limit=args.limit, seed=args.seed)
     reference = EvalResult.load(args.reference) if args.reference else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.ppl:
+        check_seqlen(model, args.seqlen)
     result = evaluate_model(
         model,
         tokenizer,
@@ -105,6 +106,7 @@ def main(args) -> int:
         reference=reference,
         model_name=str(args.model),
         progress=not args.quiet,
+        bos=args.bos,
     )
     doc = result.to_dict()
     if args.lm_eval:

@@ -11,8 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from layercap.data.bos import add_bos_argument
 from layercap.errors import LayercapError
 from layercap.io import read_json
+from layercap.models.checks import check_device, check_regex, check_seqlen
 
 NAME = "prune"
 
@@ -38,6 +40,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window offsets (default 0)")
+    add_bos_argument(p)
     p.add_argument("--device", default="cpu", help="where each block is pruned, one at a time (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
     p.add_argument("--blocks", metavar="REGEX", help="full module names of the decoder blocks (default: found structurally)")
@@ -74,11 +77,9 @@ def _validate(args) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise LayercapError(f"-o {args.output!r} is a file; pass a directory path for the pruned checkpoint.")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise LayercapError(f"--device {args.device} requested but CUDA is not available; use --device cpu.")
+    check_device(args.device)
+    check_regex(args.blocks, "--blocks")
+    check_regex(args.modules, "--modules")
 
 
 def main(args) -> int:
@@ -107,7 +108,9 @@ def main(args) -> int:
     module_ratios(blocks, ratios, args.structure)  # names checked before any work
     calib = None
     if args.method != "magnitude":
-        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        check_seqlen(model, args.seqlen)
+        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                bos=args.bos, model=model)
 
     report = prune_model(
         model, ratios, method=args.method, calib=calib, structure=args.structure,

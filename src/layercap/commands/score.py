@@ -14,8 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
+from layercap.data.bos import add_bos_argument
 from layercap.errors import LayercapError
 from layercap.io import read_json
+from layercap.models.checks import check_device, check_regex, check_seqlen
 
 NAME = "score"
 BUILTIN = ("gradnorm", "diag", "kfac", "ekfac", "exact")
@@ -53,6 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--blocks", metavar="REGEX", help="full module names of the decoder blocks (default: found structurally)")
     p.add_argument("--modules", metavar="REGEX", help="only Linears whose name inside the block matches")
     p.add_argument("--seed", type=int, default=0, help="seed of window offsets and sampled labels (default 0)")
+    add_bos_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint directory of an interrupted run")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint directory (default <output>.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=16,
@@ -96,6 +99,10 @@ def _validate(args):
         raise LayercapError(f"-o {args.output!r}: use a .json or .csv file name.")
     if out.is_dir():
         raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as scores.json.")
+    check_regex(args.blocks, "--blocks")
+    check_regex(args.modules, "--modules")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        check_device(args.device)
     granularity = read_groups(args.groups) if args.groups else args.granularity
     return method, granularity
 
@@ -147,7 +154,11 @@ def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
     from layercap.scores import ScoreOptions, score_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed) if method.needs_data else None
+    calib = None
+    if method.needs_data:
+        check_seqlen(model, args.seqlen)
+        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                bos=args.bos, model=model)
     ckpt_dir = args.checkpoint_dir or f"{args.output}.ckpt"
     options = ScoreOptions(
         batch_size=args.batch_size, damping=args.damping, damping_mode=args.damping_mode, fisher=args.fisher,

@@ -11,6 +11,11 @@ Windows are drawn as in the SparseGPT/Wanda reference code: tokenise the whole t
 take ``nsamples`` random start offsets (seeded). If the text has fewer than
 ``nsamples * seqlen`` tokens, windows overlap; if it has fewer than ``seqlen`` tokens it is an
 error. The SHA-256 of the window tensor identifies the data in every artefact.
+
+BOS (``bos``, see :mod:`layercap.data.bos`): when the model's inputs start with a BOS token, the
+first position of every window holds it instead of the first text token (a position that is
+context, never a target), so the ``nsamples * (seqlen - 1)`` predicted tokens are the same with and
+without BOS. The hash then covers the choice too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from layercap.data.bos import NO_BOS, BosChoice, as_bos_choice, put_bos
 from layercap.errors import LayercapError
 from layercap.io import parse_jsonl, sha256_bytes
 
@@ -29,12 +35,14 @@ TEXT_SUFFIXES_SKIPPED = {".md", ".sha256"}
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """``input_ids``: LongTensor (nsamples, seqlen). ``sha256``: hash of the ids (hex)."""
+    """``input_ids``: LongTensor (nsamples, seqlen). ``sha256``: hash of the ids and the BOS
+    choice (hex). ``bos``: whether position 0 of every window is the BOS (and why)."""
 
     input_ids: torch.Tensor
     sha256: str
     source: str
     seed: int
+    bos: BosChoice = NO_BOS
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +55,17 @@ class CalibrationSet:
 
     def shard(self, rank: int, world_size: int) -> "CalibrationSet":
         """Windows ``rank::world_size`` (data parallelism: every window goes to exactly one rank)."""
-        return CalibrationSet(self.input_ids[rank::world_size], self.sha256, self.source, self.seed)
+        return CalibrationSet(self.input_ids[rank::world_size], self.sha256, self.source, self.seed, self.bos)
+
+    def subset(self, index) -> "CalibrationSet":
+        """Windows ``input_ids[index]`` (a slice or index tensor), same hash, source and BOS choice."""
+        return CalibrationSet(self.input_ids[index], self.sha256, self.source, self.seed, self.bos)
+
+    def metadata(self) -> dict:
+        """What artefacts record about this data (JSON-ready)."""
+        n, seqlen = self.input_ids.shape
+        return {"sha256": self.sha256, "source": self.source, "nsamples": int(n), "seqlen": int(seqlen),
+                "seed": int(self.seed), "tokens": self.num_tokens, "bos": self.bos.to_dict()}
 
 
 def _record_text(record) -> str:
@@ -102,8 +120,13 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_set(tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> CalibrationSet:
-    """``nsamples`` windows of ``seqlen`` tokens from ``path``, seeded (see module docstring)."""
+def calibration_set(
+    tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0, bos="auto", model=None
+) -> CalibrationSet:
+    """``nsamples`` windows of ``seqlen`` tokens from ``path``, seeded (see module docstring).
+
+    ``bos``: ``auto`` (default) / ``always`` / ``never`` or a :class:`BosChoice`; ``model`` (or its
+    config) lets ``auto`` recognise a family that needs BOS (Gemma) whatever its tokenizer says."""
     if nsamples < 1 or seqlen < 2:
         raise LayercapError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}.")
     tokens = tokenize_text(tokenizer, read_text(path))
@@ -114,4 +137,6 @@ def calibration_set(tokenizer, path: str | Path, nsamples: int = 128, seqlen: in
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
     windows = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
-    return CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes()), str(path), seed)
+    choice = as_bos_choice(bos, tokenizer, model)
+    windows = put_bos(windows, choice)
+    return CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes() + choice.hash_tag), str(path), seed, choice)

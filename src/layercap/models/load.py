@@ -151,6 +151,9 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
     """
     from transformers import AutoModelForCausalLM
 
+    from layercap.models.checks import check_device
+
+    check_device(device)
     torch_dtype = _torch_dtype(dtype)
     family = _tiny_family(spec)
     if family is not None:

@@ -274,13 +274,9 @@ def layer_influences(model: nn.Module, groups, train, validation, proj_dim: int 
 
 def split_for_validation(calib):
     """(train, validation): even windows train, odd windows validate (fallback when no validation set)."""
-    from layercap.data.calibration import CalibrationSet
-
     if calib.input_ids.shape[0] < 2:
         raise LayercapError("influence needs at least 2 calibration windows when no validation set is given; raise --nsamples.")
-    ids = calib.input_ids
-    return (CalibrationSet(ids[0::2], calib.sha256, calib.source, calib.seed),
-            CalibrationSet(ids[1::2], calib.sha256, calib.source, calib.seed))
+    return calib.subset(slice(0, None, 2)), calib.subset(slice(1, None, 2))
 
 
 def influence_method(model, groups, calib, options) -> np.ndarray:
