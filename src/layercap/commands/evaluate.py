@@ -55,12 +55,13 @@ def validate(args) -> None:
         raise LayercapError(f"--stride must be in [1, --seqlen={args.seqlen}], got {args.stride}.")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise LayercapError(f"--max-tokens must be >= 2, got {args.max_tokens}.")
+    from layercap.io import check_input_file
+
     for p in args.ppl:
-        if not Path(p).is_file():
-            raise LayercapError(f"--ppl {p!r} is not a file; pass a text file such as ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
-    out = Path(args.output)
-    if out.is_dir():
-        raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as eval.json.")
+        check_input_file(p, "--ppl", "Pass a text file such as ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
+    from layercap.io import check_output_file
+
+    check_output_file(args.output, "-o", [*args.ppl, *args.tasks, args.reference])
     check_device(args.device)
     if args.lm_eval:
         try:
@@ -85,9 +86,13 @@ def main(args) -> int:
     from layercap.io import atomic_write_json
     from layercap.models import load_model
 
+    from layercap.data.calibration import read_text
+
     validate(args)
     for t in args.tasks:  # parse errors before the model loads
         load_task(t, limit=args.limit, seed=args.seed)
+    for p in args.ppl:  # binary or non-UTF-8 text is refused before the model loads
+        read_text(p)
     reference = EvalResult.load(args.reference) if args.reference else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.ppl:

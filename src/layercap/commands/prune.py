@@ -74,9 +74,10 @@ def _validate(args) -> None:
     for flag, value in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
         if value < 1:
             raise LayercapError(f"{flag} must be >= 1, got {value}.")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise LayercapError(f"-o {args.output!r} is a file; pass a directory path for the pruned checkpoint.")
+    from layercap.io import check_output_dir
+
+    model_dir = Path(args.model) if Path(args.model).exists() else None
+    check_output_dir(args.output, "-o", [model_dir, args.ratios, args.data])
     check_device(args.device)
     check_regex(args.blocks, "--blocks")
     check_regex(args.modules, "--modules")
@@ -85,7 +86,7 @@ def _validate(args) -> None:
 def main(args) -> int:
     from layercap.apply.prune import check_ratio_values, module_ratios, prune_model
     from layercap.data.calibration import calibration_set
-    from layercap.io import atomic_directory
+    from layercap.io import atomic_directory, write_output_marker
     from layercap.models import find_blocks, load_model
 
     _validate(args)
@@ -122,6 +123,7 @@ def main(args) -> int:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report.save(Path(tmp) / "pruning.json")
+        write_output_marker(tmp, NAME)
     print(report.table())
     print(f"method {report.method}, structure {report.structure}, {report.wall_time_s:.1f} s; wrote {args.output}/ "
           "(safetensors checkpoint, tokenizer, pruning.json)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 from layercap.data.bos import add_bos_argument
@@ -94,11 +93,19 @@ def _validate(args):
         raise LayercapError(f"--cg-tol must be > 0, got {args.cg_tol}.")
     if args.max_factor_gb is not None and not args.max_factor_gb > 0:
         raise LayercapError(f"--max-factor-gb must be > 0, got {args.max_factor_gb}.")
+    from layercap.io import check_output_file
+
     out = Path(args.output)
+    if out.is_dir() or str(out) in (".", ".."):
+        raise LayercapError(f"-o {args.output!r} is a folder; pass a file name such as scores.json.")
     if out.suffix.lower() not in (".json", ".csv"):
         raise LayercapError(f"-o {args.output!r}: use a .json or .csv file name.")
-    if out.is_dir():
-        raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as scores.json.")
+    inputs = [args.data, args.groups]
+    check_output_file(out, "-o", inputs)
+    if args.csv and out.suffix.lower() != ".csv":
+        check_output_file(out.with_suffix(".csv"), "--csv (the CSV beside -o)", inputs)
+    if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+        raise LayercapError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file; pass a folder.")
     check_regex(args.blocks, "--blocks")
     check_regex(args.modules, "--modules")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -171,12 +178,15 @@ def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
                          blocks_regex=args.blocks, modules_regex=args.modules,
                          metadata={"world_size": world, "dtype": args.dtype})
     if rank == 0:
+        from layercap.io import all_or_nothing
+
         out = Path(args.output)
-        scores.save(out)
         written = [str(out)]
-        if args.csv and out.suffix.lower() != ".csv":
-            scores.save(out.with_suffix(".csv"))
-            written.append(str(out.with_suffix(".csv")))
+        with all_or_nothing(out, out.with_suffix(".csv")):
+            scores.save(out)
+            if args.csv and out.suffix.lower() != ".csv":
+                scores.save(out.with_suffix(".csv"))
+                written.append(str(out.with_suffix(".csv")))
         print(format_table(scores))
         meta = scores.metadata
         print(f"method {args.method}, {meta.get('tokens', 0):,} tokens, {meta['wall_time_s']:.1f} s, "
@@ -186,5 +196,23 @@ def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
 
         dist.barrier()
     if rank == 0 and options.checkpoint_dir:
-        shutil.rmtree(options.checkpoint_dir, ignore_errors=True)
+        remove_checkpoints(options.checkpoint_dir)
     return 0
+
+
+def remove_checkpoints(folder: str) -> None:
+    """Delete the checkpoint files the engine wrote (``PHASE.rankRofW.pt`` and their temporaries),
+    then the folder if that leaves it empty; anything else in it is left alone."""
+    import re
+
+    path = Path(folder)
+    if not path.is_dir():
+        return
+    ours = re.compile(r"^\.?[\w-]+\.rank\d+of\d+\.pt(\..*\.tmp)?$")
+    for f in path.iterdir():
+        if f.is_file() and ours.match(f.name):
+            f.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty: it holds files layercap did not write

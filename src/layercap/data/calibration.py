@@ -28,7 +28,7 @@ import torch
 
 from layercap.data.bos import NO_BOS, BosChoice, as_bos_choice, put_bos
 from layercap.errors import LayercapError
-from layercap.io import parse_jsonl, sha256_bytes
+from layercap.io import check_input_file, parse_json, parse_jsonl, read_text_file, sha256_bytes
 
 TEXT_SUFFIXES_SKIPPED = {".md", ".sha256"}
 
@@ -98,14 +98,14 @@ def read_text(path: str | Path) -> str:
         if not files:
             raise LayercapError(f"calibration directory {path} contains no files.")
         return "\n\n".join(read_text(f) for f in files)
-    if not path.is_file():
-        raise LayercapError(f"calibration data {str(path)!r} does not exist; pass --data with a text, JSON/JSONL file or a directory.")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    hint = "Pass --data with a UTF-8 text, JSON/JSONL file or a directory."
+    if not path.exists():
+        raise LayercapError(f"calibration data {str(path)!r} does not exist. {hint}")
+    check_input_file(path, "calibration data", hint)
+    # binary or non-UTF-8 bytes are refused (never silently replaced): they are not text to learn from
+    raw = read_text_file(path, "calibration data", hint)
     if path.suffix == ".json":
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path}: invalid JSON ({exc}).") from exc
+        doc = parse_json(raw, path, "calibration data")
         records = doc if isinstance(doc, list) else [doc]
         return "\n\n".join(_record_text(r) for r in records)
     if path.suffix == ".jsonl":

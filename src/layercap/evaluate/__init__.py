@@ -100,12 +100,17 @@ class EvalResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "EvalResult":
-        import json
+        from layercap.io import read_json
 
+        doc = read_json(path, "evaluation result", "Pass an eval.json written by `layercap evaluate`.")
+        if not isinstance(doc, dict):
+            raise LayercapError(f"evaluation result {path}: expected a JSON object, got {type(doc).__name__}.")
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LayercapError(f"cannot read evaluation result {path}: {exc}.") from exc
+            return cls.from_dict(doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, LayercapError):
+                raise
+            raise LayercapError(f"evaluation result {path}: malformed record ({type(exc).__name__}: {exc}).") from None
 
     def table(self) -> str:
         """Readable plain-text summary."""

@@ -62,13 +62,18 @@ class TaskResult:
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # an undefined standard error (n < 2) is NaN here and null in JSON (which has no NaN)
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskResult":
         if d.get("schema") != SCHEMA:
             raise LayercapError(f"not a {SCHEMA} record (schema {d.get('schema')!r}).")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("acc_stderr", "acc_norm_stderr"):
+            if fields.get(k, 0.0) is None:
+                fields[k] = float("nan")
+        return cls(**fields)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())

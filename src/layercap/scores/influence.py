@@ -40,7 +40,6 @@ the dimension of the vectors actually used (DataInf's per-entry mean of what it 
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -226,7 +225,9 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceResult":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        from layercap.io import read_json
+
+        return cls.from_dict(read_json(path, "influence file"))
 
 
 def aggregate_influence(u: np.ndarray, mode: str = "all") -> np.ndarray:
