@@ -229,3 +229,17 @@ def test_score_cli_records_bos(tmp_path, text_file):
     assert docs["auto"]["bos"]["add"] is True and docs["never"]["bos"]["add"] is False
     assert docs["auto"]["predicted_tokens"] == docs["never"]["predicted_tokens"] == 2 * 15
     assert docs["auto"]["data_sha256"] != docs["never"]["data_sha256"]
+
+
+def test_prune_and_evaluate_cli_record_bos(tmp_path, text_file):
+    from layercap.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "tiny-gemma", "--sparsity", "0.5", "--method", "wanda", "--data", str(text_file),
+                 "--nsamples", "2", "--seqlen", "16", "--quiet", "-o", str(out)]) == 0
+    calibration = json.loads((out / "pruning.json").read_text())["calibration"]
+    assert calibration["bos"]["add"] is True and calibration["bos"]["policy"] == "auto"
+    ev = tmp_path / "eval.json"
+    assert main(["evaluate", "tiny-gpt2", "--ppl", str(text_file), "--seqlen", "32", "--bos", "always", "--quiet", "-o", str(ev)]) == 0
+    doc = json.loads(ev.read_text())
+    assert doc["settings"]["bos"]["policy"] == "always" and doc["ppl"]["text.txt"]["bos"]["add"] is True
