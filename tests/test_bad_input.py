@@ -45,6 +45,11 @@ def _write_inputs(d):
     (d / "badcost.csv").write_text("name,cost\n" + "".join(f"{n},{'abc' if i == 2 else 1}\n" for i, n in enumerate(LAYERS)))
     (d / "unknowncost.json").write_text(json.dumps({**{n: 1 for n in LAYERS}, "model.layers.99": 2}))
     (d / "multi.json").write_text(json.dumps({"context": "Q?", "choices": [" a", " b"], "label": 0}, indent=2))
+    (d / "label_float.jsonl").write_text(json.dumps({"context": "Q?", "choices": [" a", " b"], "label": 1.5}) + "\n")
+    (d / "label_huge.jsonl").write_text('{"context": "Q?", "choices": [" a", " b"], "label": 1e400}\n')
+    (d / "choices_str.jsonl").write_text(json.dumps({"context": "Q?", "choices": "ab", "label": 0}) + "\n")
+    (d / "format_b_bad.jsonl").write_text(json.dumps({"question": "Q?", "choices": 5, "answerKey": "A"}) + "\n")
+    (d / "format_a_bad.json").write_text(json.dumps([{"instruction": 5, "answer": "answer1"}]))
     (d / "folder").mkdir()
     (d / "calib").mkdir()
     (d / "calib" / "a.txt").write_text(TEXT)
@@ -137,6 +142,14 @@ CASES = [
     ("evaluate-overwrites-input", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "-o", f"{I}/text.txt"], r"also an input"),
     ("evaluate-binary-reference", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "--reference", f"{I}/bin.json", "-o", f"{O}/e.json"], r"evaluation result.*binary"),
     ("evaluate-seqlen-over-context", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "--seqlen", "1000", "-o", f"{O}/e.json"], r"--seqlen 1000 exceeds"),
+    ("evaluate-task-label-float", ["evaluate", TINY, "--tasks", f"{I}/label_float.jsonl", "-o", f"{O}/e.json"], r"label = 1\.5 must be a whole number"),
+    ("evaluate-task-label-1e400", ["evaluate", TINY, "--tasks", f"{I}/label_huge.jsonl", "-o", f"{O}/e.json"], r"label = inf is not finite"),
+    ("evaluate-task-choices-string", ["evaluate", TINY, "--tasks", f"{I}/choices_str.jsonl", "-o", f"{O}/e.json"], r"choices str"),
+    ("evaluate-task-format-b-bad", ["evaluate", TINY, "--tasks", f"{I}/format_b_bad.jsonl", "-o", f"{O}/e.json"], r"line 1: expected 'question'"),
+    ("evaluate-task-format-a-bad", ["evaluate", TINY, "--tasks", f"{I}/format_a_bad.json", "-o", f"{O}/e.json"], r"must be strings"),
+    ("evaluate-limit-0", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "--limit", "0", "-o", f"{O}/e.json"], r"--limit must be >= 1"),
+    ("score-cg-tol-inf", ["score", TINY, "--method", "exact", "--data", f"{I}/text.txt", "--cg-tol", "inf", "-o", f"{O}/s.json"], r"--cg-tol must be a finite"),
+    ("prune-nsamples-huge", ["prune", TINY, "--sparsity", "0.5", "--method", "wanda", "--data", f"{I}/text.txt", "--seqlen", "8", "--nsamples", "100000000000", "-o", f"{O}/p"], r"tokens, more than"),
     ("evaluate-device-tpu", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "--device", "tpu", "-o", f"{O}/e.json"], r"not a device"),
 ]
 

@@ -53,6 +53,8 @@ def validate(args) -> None:
             raise LayercapError(f"{flag} must be >= 1, got {value}.")
     if args.stride is not None and not (1 <= args.stride <= args.seqlen):
         raise LayercapError(f"--stride must be in [1, --seqlen={args.seqlen}], got {args.stride}.")
+    if args.limit is not None and args.limit < 1:
+        raise LayercapError(f"--limit must be >= 1, got {args.limit}.")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise LayercapError(f"--max-tokens must be >= 2, got {args.max_tokens}.")
     from layercap.io import check_input_file

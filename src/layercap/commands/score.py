@@ -10,6 +10,7 @@ all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes the output.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -89,8 +90,8 @@ def _validate(args):
             raise LayercapError(f"{flag} must be >= {low}, got {value}.")
     if not args.damping > 0:
         raise LayercapError(f"--damping must be > 0, got {args.damping}.")
-    if not args.cg_tol > 0:
-        raise LayercapError(f"--cg-tol must be > 0, got {args.cg_tol}.")
+    if not (args.cg_tol > 0 and math.isfinite(args.cg_tol)):
+        raise LayercapError(f"--cg-tol must be a finite number > 0, got {args.cg_tol}.")
     if args.max_factor_gb is not None and not args.max_factor_gb > 0:
         raise LayercapError(f"--max-factor-gb must be > 0, got {args.max_factor_gb}.")
     from layercap.io import check_output_file

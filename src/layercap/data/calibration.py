@@ -31,6 +31,7 @@ from layercap.errors import LayercapError
 from layercap.io import check_input_file, parse_json, parse_jsonl, read_text_file, sha256_bytes
 
 TEXT_SUFFIXES_SKIPPED = {".md", ".sha256"}
+MAX_WINDOW_TOKENS = 1 << 30  # 8 GiB of int64 ids: far above any real calibration set
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,9 @@ def calibration_set(
     config) lets ``auto`` recognise a family that needs BOS (Gemma) whatever its tokenizer says."""
     if nsamples < 1 or seqlen < 2:
         raise LayercapError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}.")
+    if nsamples * seqlen > MAX_WINDOW_TOKENS:
+        raise LayercapError(f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen:,} tokens, more than the "
+                            f"{MAX_WINDOW_TOKENS:,} layercap holds in memory; use fewer or shorter windows.")
     tokens = tokenize_text(tokenizer, read_text(path))
     if tokens.numel() < seqlen + 1:
         raise LayercapError(

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layercap.errors import LayercapError
-from layercap.io import parse_json, parse_jsonl, read_text_file, sha256_bytes, sha256_file
+from layercap.io import check_number, parse_json, parse_jsonl, read_text_file, sha256_bytes, sha256_file
 
 # Evaluation split of a task directory, first match wins (MRPC dev is special-cased).
 EVAL_SPLITS = (
@@ -255,6 +255,8 @@ def _format_a(doc, path: Path, name: str) -> tuple[list[MCItem], str]:
     for i, r in enumerate(doc):
         if not isinstance(r, dict) or "instruction" not in r or "answer" not in r:
             raise LayercapError(f"{path}: record {i} lacks 'instruction'/'answer'; expected format A (see data README).")
+        if not isinstance(r["instruction"], str) or not isinstance(r.get("input") or "", str) or not isinstance(r.get("output") or "", str):
+            raise LayercapError(f"{path}: record {i}: 'instruction', 'input' and 'output' must be strings.")
         try:
             question, choices, keys = _parse_choices(r["instruction"])
         except ValueError as exc:
@@ -313,6 +315,12 @@ def _instruction(question: str, choices: list[str]) -> tuple[str, list[str]]:
 
 def _format_b(r: dict, path: Path, i: int, name: str) -> MCItem:
     ch = r["choices"]
+    texts_ok = isinstance(ch, list) or (isinstance(ch, dict) and isinstance(ch.get("text", []), list)
+                                        and isinstance(ch.get("label", []), list))
+    question_ok = isinstance(r["question"], str) or (isinstance(r["question"], dict) and isinstance(r["question"].get("stem"), str))
+    if not texts_ok or not question_ok:
+        raise LayercapError(f"{path}: line {i + 1}: expected 'question' (str or {{stem}}) and 'choices' "
+                            "({label: [...], text: [...]} or a list); fix the record.")
     texts = list(ch.get("text", [])) if isinstance(ch, dict) else list(ch)
     labels = list(ch.get("label", [])) if isinstance(ch, dict) else [chr(65 + j) for j in range(len(texts))]
     key = str(r.get("answerKey", ""))
@@ -331,10 +339,15 @@ def _format_b(r: dict, path: Path, i: int, name: str) -> MCItem:
 
 
 def _generic(r: dict, path: Path, i: int) -> MCItem:
-    try:
-        context, choices, label = str(r["context"]), [str(c) for c in r["choices"]], int(r["label"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LayercapError(f"{path}: record {i + 1}: need 'context' (str), 'choices' (list) and 'label' (int) ({exc}).") from exc
+    need = "need 'context' (str), 'choices' (list of str) and 'label' (int)"
+    missing = [k for k in ("context", "choices", "label") if k not in r]
+    if missing:
+        raise LayercapError(f"{path}: record {i + 1}: no {', '.join(repr(m) for m in missing)}; {need}.")
+    if not isinstance(r["context"], str) or not isinstance(r["choices"], list) or not all(isinstance(c, str) for c in r["choices"]):
+        raise LayercapError(f"{path}: record {i + 1}: {need}; got context {type(r['context']).__name__}, "
+                            f"choices {type(r['choices']).__name__}.")
+    context, choices = r["context"], list(r["choices"])
+    label = check_number(r["label"], "label", f"{path}: record {i + 1}", integer=True, minimum=0)
     prompt, keys = _instruction(context.strip(), [c.strip() for c in choices])
     return MCItem(context, choices, label, prompt=prompt, answer=f"the correct answer is {keys[label]}" if 0 <= label < len(keys) else "")
 
