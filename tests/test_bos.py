@@ -243,3 +243,19 @@ def test_prune_and_evaluate_cli_record_bos(tmp_path, text_file):
     assert main(["evaluate", "tiny-gpt2", "--ppl", str(text_file), "--seqlen", "32", "--bos", "always", "--quiet", "-o", str(ev)]) == 0
     doc = json.loads(ev.read_text())
     assert doc["settings"]["bos"]["policy"] == "always" and doc["ppl"]["text.txt"]["bos"]["add"] is True
+
+
+def test_shared_context_equals_plain_with_bos(tmp_path):
+    """The KV-cache path (one context pass) and the independent rows agree when contexts start with BOS."""
+    from layercap.evaluate.multiple_choice import _score_groups
+
+    tok = make_tokenizer(tmp_path, "GemmaTokenizer", True, "<bos>")
+    model = make_model("gemma2")
+    groups = [[("the quick fox", " jumps"), ("the quick fox", " sleeps over"), ("the quick fox", " x")],
+              [("a lazy", " dog"), ("a lazy", " fox runs")]]
+    shared = _score_groups(model, tok, groups, 4, None, False, "t", share=True, bos="auto")
+    plain = _score_groups(model, tok, groups, 4, None, False, "t", share=False, bos="auto")
+    never = _score_groups(model, tok, groups, 4, None, False, "t", share=False, bos="never")
+    for s, p in zip(shared, plain):
+        assert s == pytest.approx(p, abs=1e-4)
+    assert any(abs(a - b) > 1e-4 for g, h in zip(plain, never) for a, b in zip(g, h))  # the BOS matters
