@@ -7,6 +7,17 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_configure(config):
+    # Under xdist every worker is its own process: share the cores between them instead of
+    # letting each start one thread per core (oversubscription makes small tensor work several
+    # times slower on a 2-core machine).
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LAYERCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
 WIKITEXT = SHARED_DATA / "corpora" / "wikitext-2-raw" / "wiki.test.raw"

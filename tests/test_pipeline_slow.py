@@ -10,10 +10,12 @@ import pytest
 from layercap.experiments.config import load_config
 from layercap.experiments.run import run_pipeline
 
+# The embedded default at a small size: one cheap curvature estimator (diag) stands in for kfac
+# as the decisions' source (the estimators are tested against dense references elsewhere).
 SMALL = [
     "model.device=cpu",
-    "data.nsamples=4", "data.seqlen=128",
-    "scoring.methods=[gradnorm,kfac,alpha-hill,owl]",
+    "data.nsamples=2", "data.seqlen=64",
+    "scoring.methods=[diag,alpha-hill,owl]", "allocation.scores=diag", "pruning.scores=diag",
     "allocation.budget=60",
     "pruning.save_checkpoints=false",  # the tiny end-to-end test covers saved checkpoints
     "evaluation.ppl_tokens=1024", "evaluation.tasks=[ARC-Easy]", "evaluation.limit=10",

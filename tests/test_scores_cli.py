@@ -86,8 +86,10 @@ def test_score_command_resume(saved_model, text, tmp_path, monkeypatch):
     import layercap.scores.methods as methods
 
     monkeypatch.setattr(methods, "make_context", interrupting)
+    # the CLI safety net turns the simulated crash into exit code 2 (no traceback); --debug re-raises it
+    assert run([*common, "-o", out, "--checkpoint-dir", ckpt, "--checkpoint-every", 1]) == 2
     with pytest.raises(engine.Interrupted):
-        run([*common, "-o", out, "--checkpoint-dir", ckpt, "--checkpoint-every", 1])
+        run([*common, "-o", out, "--checkpoint-dir", ckpt, "--checkpoint-every", 1, "--debug"])
     monkeypatch.undo()
     assert not out.exists() and any(ckpt.iterdir())
     assert run([*common, "-o", out, "--checkpoint-dir", ckpt, "--resume"]) == 0

@@ -75,20 +75,53 @@ def _version() -> str:
     return __version__
 
 
+def _one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one printable line (control characters escaped, long messages cut)."""
+    flat = " ".join(str(text).split())
+    flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in flat)
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    """An unexpected exception as ``Type: message`` (an OSError with its file and reason)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename!s}" if exc.filename else ""
+        return f"{type(exc).__name__}:{where}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 success, 2 bad input or any failure (one line on stderr,
+    no traceback unless ``--debug``), 130 interrupted."""
     from layercap.errors import LayercapError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "_main", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
+    # --debug is global and may appear anywhere (before or after the command)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        parser = build_parser(argv)
+        parser.add_argument("--debug", action="store_true",
+                            help="show the Python traceback of an unexpected error (may be given anywhere)")
+        args = parser.parse_args(argv)
+        if not getattr(args, "_main", None):
+            parser.print_help()
+            return 0 if args.command is None else 2
+        command = args.command
         return int(args._main(args) or 0)
     except LayercapError as exc:
-        print(f"layercap {args.command}: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"layercap {command}: error: {_one_line(exc, 2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"layercap {args.command}: interrupted; rerun with the same arguments (and --resume where offered) to continue.", file=sys.stderr)
+        print(f"layercap {command}: interrupted; rerun with the same arguments (and --resume where offered) to continue.", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # the safety net: no user ever sees a raw traceback
+        if debug:
+            raise
+        print(f"layercap {command}: error: {_one_line(_describe(exc))} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2

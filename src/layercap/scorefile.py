@@ -24,8 +24,6 @@ No torch here: programs/ and the CLI's program commands import this module alone
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_write_csv, atomic_write_json
+from layercap.io import atomic_write_csv, atomic_write_json, check_number, read_csv, read_json
 
 SCHEMA = "layercap.scores/v1"
 
@@ -81,7 +79,12 @@ class LayerScores:
     def q(self) -> np.ndarray:
         """zeta2 / sum(zeta2): non-negative, sums to 1."""
         z = self.zeta2
-        return z / z.sum()
+        with np.errstate(over="ignore"):
+            total = z.sum()
+        if not np.isfinite(total):  # huge scores (e.g. 1e308 each) overflow the sum: rescale first
+            z = z / z.max()
+            total = z.sum()
+        return z / total
 
     def costs(self) -> np.ndarray | None:
         if self.layers[0].cost is None:
@@ -115,8 +118,10 @@ class LayerScores:
                 raise LayercapError(f"{where}.params = {p!r} for {layer.name!r}: must be an integer >= 1.")
             if (layer.cost is not None) != has_cost:
                 raise LayercapError(f"{where}.cost: give a cost for every layer or for none.")
-            if layer.cost is not None and (not math.isfinite(layer.cost) or layer.cost <= 0):
-                raise LayercapError(f"{where}.cost = {layer.cost!r} for {layer.name!r}: costs must be > 0.")
+            if layer.cost is not None:
+                c = layer.cost
+                if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                    raise LayercapError(f"{where}.cost = {c!r} for {layer.name!r}: costs must be finite numbers > 0.")
         if not any(layer.zeta2 > 0 for layer in self.layers):
             raise LayercapError(
                 f"{source}: every zeta2 is 0, so the normalised scores q are undefined. "
@@ -183,33 +188,23 @@ class LayerScores:
     @classmethod
     def load(cls, path: str | Path) -> "LayerScores":
         path = Path(path)
-        if not path.is_file():
-            raise LayercapError(f"scores file {str(path)!r} does not exist. Create one with `layercap score MODEL --data PATH -o {path.name}`.")
+        hint = f"Create one with `layercap score MODEL --data PATH -o {path.name}`."
         if path.suffix.lower() == ".csv":
             return cls._load_csv(path)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda c: float(c.lower()) if c != "-Infinity" else float("-inf"))
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path}: not valid JSON ({exc}). Expected a layercap scores file (or use a .csv name for CSV).") from exc
+        doc = read_json(path, "scores file", hint)
         return cls.from_dict(doc, source=str(path))
 
     @classmethod
     def _load_csv(cls, path: Path) -> "LayerScores":
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            fields = reader.fieldnames or []
-            missing = [f for f in ("name", "zeta2", "params") if f not in fields]
-            if missing:
-                raise LayercapError(f"{path}: CSV header lacks {missing}; expected 'name,zeta2,params' (optional 'cost').")
-            layers = []
-            for i, row in enumerate(reader, start=2):
-                try:
-                    zeta2 = float(row["zeta2"])
-                    params = int(float(row["params"]))
-                    cost = float(row["cost"]) if row.get("cost") not in (None, "") else None
-                except ValueError as exc:
-                    raise LayercapError(f"{path}: line {i}: {exc}; zeta2 and cost must be numbers, params an integer.") from exc
-                layers.append(LayerScore(name=row["name"], zeta2=zeta2, params=params, cost=cost))
+        rows = read_csv(path, "scores file", required=("name", "zeta2", "params"),
+                        hint="Expected a header 'name,zeta2,params' (optional 'cost').")
+        layers = []
+        for i, row in enumerate(rows, start=1):
+            where = f"{path}: row {i} ({row['name']!r})"
+            zeta2 = check_number(row["zeta2"], "zeta2", where, minimum=0)
+            params = check_number(row["params"], "params", where, integer=True, minimum=1)
+            cost = check_number(row["cost"], "cost", where, minimum=0, exclusive_minimum=True) if row.get("cost") else None
+            layers.append(LayerScore(name=row["name"], zeta2=float(zeta2), params=params, cost=None if cost is None else float(cost)))
         out = cls.__new__(cls)
         out.layers, out.method, out.metadata = layers, None, {}
         out.validate(str(path))

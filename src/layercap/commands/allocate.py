@@ -63,18 +63,34 @@ def resolve_cost_option(cost, scores):
     """--cost value -> what allocation_by_rule takes (None, 'count', 'params' or an array)."""
     if cost is None or cost in ("count", "params"):
         return cost
-    from layercap.programs.rules import load_costs
+    from layercap.programs.costs import read_costs
 
-    return load_costs(cost, scores.names)
+    return read_costs(cost, scores.names)
 
 
-def check_output(path: str, csv: bool) -> Path:
+def check_output(path: str, csv: bool, inputs=()) -> Path:
+    """The JSON output path (and its CSV twin with ``csv``), checked before any work: not a
+    folder, not one of ``inputs``, writable (see :func:`layercap.io.check_output_file`)."""
+    from layercap.io import check_output_file
+
     out = Path(path)
-    if out.is_dir():
-        raise LayercapError(f"-o {path!r} is a directory; give a file name such as {out / 'out.json'}.")
     if csv and out.suffix.lower() == ".csv":
         raise LayercapError(f"-o {path!r} ends in .csv; give the JSON name (the CSV is written beside it with --csv).")
+    inputs = [i for i in inputs if i and i not in ("count", "params")]
+    check_output_file(out, "-o", inputs)
+    if csv:
+        check_output_file(out.with_suffix(".csv"), "--csv (the CSV beside -o)", inputs)
     return out
+
+
+def save_with_csv(record, out: Path, csv: bool) -> None:
+    """Write ``record`` to ``out`` and, with ``csv``, its CSV twin: both or neither."""
+    from layercap.io import all_or_nothing
+
+    with all_or_nothing(out, out.with_suffix(".csv")):
+        record.save(out)
+        if csv:
+            record.save(out.with_suffix(".csv"))
 
 
 def format_table(header: list[str], rows: list[list], out=None) -> None:
@@ -92,7 +108,7 @@ def main(args) -> int:
     from layercap.programs.rules import allocation_by_rule
     from layercap.scorefile import LayerScores
 
-    out = check_output(args.output, args.csv)
+    out = check_output(args.output, args.csv, inputs=(args.scores, args.cost))
     scores = LayerScores.load(args.scores)
     alloc = allocation_by_rule(
         args.rule, scores, args.budget, costs=resolve_cost_option(args.cost, scores), beta=args.beta,
@@ -106,8 +122,6 @@ def main(args) -> int:
     print(f"rule {alloc.rule}: spent {alloc.spent:g} of {alloc.budget:g} ({'binds' if alloc.binds else 'does not bind'}), mu {mu}{gap}")
     for w in alloc.metadata.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
-    alloc.save(out)
-    if args.csv:
-        alloc.save(out.with_suffix(".csv"))
+    save_with_csv(alloc, out, args.csv)
     print(f"wrote {out}" + (f" and {out.with_suffix('.csv')}" if args.csv else ""))
     return 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layercap.data.bos import add_bos_argument
 from layercap.errors import LayercapError
+from layercap.models.checks import check_device, check_seqlen
 
 NAME = "evaluate"
 
@@ -32,6 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="seeded random subset of N items per task")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default 8)")
+    add_bos_argument(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
     p.add_argument("--reference", metavar="EVAL_JSON", help="eval.json of a reference (dense) model: decides the tasks 'above chance'")
@@ -50,19 +53,18 @@ def validate(args) -> None:
             raise LayercapError(f"{flag} must be >= 1, got {value}.")
     if args.stride is not None and not (1 <= args.stride <= args.seqlen):
         raise LayercapError(f"--stride must be in [1, --seqlen={args.seqlen}], got {args.stride}.")
+    if args.limit is not None and args.limit < 1:
+        raise LayercapError(f"--limit must be >= 1, got {args.limit}.")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise LayercapError(f"--max-tokens must be >= 2, got {args.max_tokens}.")
-    for p in args.ppl:
-        if not Path(p).is_file():
-            raise LayercapError(f"--ppl {p!r} is not a file; pass a text file such as ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
-    out = Path(args.output)
-    if out.is_dir():
-        raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as eval.json.")
-    if args.device.startswith("cuda"):
-        import torch
+    from layercap.io import check_input_file
 
-        if not torch.cuda.is_available():
-            raise LayercapError(f"--device {args.device} requested but CUDA is not available; use --device cpu.")
+    for p in args.ppl:
+        check_input_file(p, "--ppl", "Pass a text file such as ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
+    from layercap.io import check_output_file
+
+    check_output_file(args.output, "-o", [*args.ppl, *args.tasks, args.reference])
+    check_device(args.device)
     if args.lm_eval:
         try:
             import lm_eval  # noqa: F401
@@ -86,11 +88,17 @@ def main(args) -> int:
     from layercap.io import atomic_write_json
     from layercap.models import load_model
 
+    from layercap.data.calibration import read_text
+
     validate(args)
     for t in args.tasks:  # parse errors before the model loads
         load_task(t, limit=args.limit, seed=args.seed)
+    for p in args.ppl:  # binary or non-UTF-8 text is refused before the model loads
+        read_text(p)
     reference = EvalResult.load(args.reference) if args.reference else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.ppl:
+        check_seqlen(model, args.seqlen)
     result = evaluate_model(
         model,
         tokenizer,
@@ -105,6 +113,7 @@ def main(args) -> int:
         reference=reference,
         model_name=str(args.model),
         progress=not args.quiet,
+        bos=args.bos,
     )
     doc = result.to_dict()
     if args.lm_eval:

@@ -11,8 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from layercap.data.bos import add_bos_argument
 from layercap.errors import LayercapError
 from layercap.io import read_json
+from layercap.models.checks import check_device, check_regex, check_seqlen
 
 NAME = "prune"
 
@@ -38,6 +40,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window offsets (default 0)")
+    add_bos_argument(p)
     p.add_argument("--device", default="cpu", help="where each block is pruned, one at a time (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
     p.add_argument("--blocks", metavar="REGEX", help="full module names of the decoder blocks (default: found structurally)")
@@ -71,20 +74,19 @@ def _validate(args) -> None:
     for flag, value in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size)):
         if value < 1:
             raise LayercapError(f"{flag} must be >= 1, got {value}.")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise LayercapError(f"-o {args.output!r} is a file; pass a directory path for the pruned checkpoint.")
-    if args.device.startswith("cuda"):
-        import torch
+    from layercap.io import check_output_dir
 
-        if not torch.cuda.is_available():
-            raise LayercapError(f"--device {args.device} requested but CUDA is not available; use --device cpu.")
+    model_dir = Path(args.model) if Path(args.model).exists() else None
+    check_output_dir(args.output, "-o", [model_dir, args.ratios, args.data])
+    check_device(args.device)
+    check_regex(args.blocks, "--blocks")
+    check_regex(args.modules, "--modules")
 
 
 def main(args) -> int:
     from layercap.apply.prune import check_ratio_values, module_ratios, prune_model
     from layercap.data.calibration import calibration_set
-    from layercap.io import atomic_directory
+    from layercap.io import atomic_directory, write_output_marker
     from layercap.models import find_blocks, load_model
 
     _validate(args)
@@ -107,7 +109,9 @@ def main(args) -> int:
     module_ratios(blocks, ratios, args.structure)  # names checked before any work
     calib = None
     if args.method != "magnitude":
-        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        check_seqlen(model, args.seqlen)
+        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                bos=args.bos, model=model)
 
     report = prune_model(
         model, ratios, method=args.method, calib=calib, structure=args.structure,
@@ -119,6 +123,7 @@ def main(args) -> int:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report.save(Path(tmp) / "pruning.json")
+        write_output_marker(tmp, NAME)
     print(report.table())
     print(f"method {report.method}, structure {report.structure}, {report.wall_time_s:.1f} s; wrote {args.output}/ "
           "(safetensors checkpoint, tokenizer, pruning.json)")

@@ -45,11 +45,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    from layercap.commands.allocate import check_output, format_table
+    from layercap.commands.allocate import check_output, format_table, save_with_csv
     from layercap.programs.rules import ratios_by_rule
     from layercap.scorefile import LayerScores
 
-    out = check_output(args.output, args.csv)
+    out = check_output(args.output, args.csv, inputs=(args.scores,))
     scores = LayerScores.load(args.scores)
     ratios = ratios_by_rule(args.rule, scores, args.sparsity, mode=args.mode, eta=args.eta, p=args.p,
                             gamma=args.gamma, bits=args.bits, min_ratio=args.min_ratio, max_ratio=args.max_ratio)
@@ -62,8 +62,6 @@ def main(args) -> int:
           f"clipped {ratios.clipped}/{len(ratios)}, nu {nu}")
     for w in ratios.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    ratios.save(out)
-    if args.csv:
-        ratios.save(out.with_suffix(".csv"))
+    save_with_csv(ratios, out, args.csv)
     print(f"wrote {out}" + (f" and {out.with_suffix('.csv')}" if args.csv else ""))
     return 0

@@ -10,12 +10,14 @@ all-reduced (gloo on CPU, nccl on CUDA) and rank 0 writes the output.
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import shutil
 from pathlib import Path
 
+from layercap.data.bos import add_bos_argument
 from layercap.errors import LayercapError
 from layercap.io import read_json
+from layercap.models.checks import check_device, check_regex, check_seqlen
 
 NAME = "score"
 BUILTIN = ("gradnorm", "diag", "kfac", "ekfac", "exact")
@@ -53,6 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--blocks", metavar="REGEX", help="full module names of the decoder blocks (default: found structurally)")
     p.add_argument("--modules", metavar="REGEX", help="only Linears whose name inside the block matches")
     p.add_argument("--seed", type=int, default=0, help="seed of window offsets and sampled labels (default 0)")
+    add_bos_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint directory of an interrupted run")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint directory (default <output>.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=16,
@@ -87,15 +90,27 @@ def _validate(args):
             raise LayercapError(f"{flag} must be >= {low}, got {value}.")
     if not args.damping > 0:
         raise LayercapError(f"--damping must be > 0, got {args.damping}.")
-    if not args.cg_tol > 0:
-        raise LayercapError(f"--cg-tol must be > 0, got {args.cg_tol}.")
+    if not (args.cg_tol > 0 and math.isfinite(args.cg_tol)):
+        raise LayercapError(f"--cg-tol must be a finite number > 0, got {args.cg_tol}.")
     if args.max_factor_gb is not None and not args.max_factor_gb > 0:
         raise LayercapError(f"--max-factor-gb must be > 0, got {args.max_factor_gb}.")
+    from layercap.io import check_output_file
+
     out = Path(args.output)
+    if out.is_dir() or str(out) in (".", ".."):
+        raise LayercapError(f"-o {args.output!r} is a folder; pass a file name such as scores.json.")
     if out.suffix.lower() not in (".json", ".csv"):
         raise LayercapError(f"-o {args.output!r}: use a .json or .csv file name.")
-    if out.is_dir():
-        raise LayercapError(f"-o {args.output!r} is a directory; pass a file name such as scores.json.")
+    inputs = [args.data, args.groups]
+    check_output_file(out, "-o", inputs)
+    if args.csv and out.suffix.lower() != ".csv":
+        check_output_file(out.with_suffix(".csv"), "--csv (the CSV beside -o)", inputs)
+    if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+        raise LayercapError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file; pass a folder.")
+    check_regex(args.blocks, "--blocks")
+    check_regex(args.modules, "--modules")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        check_device(args.device)
     granularity = read_groups(args.groups) if args.groups else args.granularity
     return method, granularity
 
@@ -147,7 +162,11 @@ def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
     from layercap.scores import ScoreOptions, score_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed) if method.needs_data else None
+    calib = None
+    if method.needs_data:
+        check_seqlen(model, args.seqlen)
+        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                bos=args.bos, model=model)
     ckpt_dir = args.checkpoint_dir or f"{args.output}.ckpt"
     options = ScoreOptions(
         batch_size=args.batch_size, damping=args.damping, damping_mode=args.damping_mode, fisher=args.fisher,
@@ -160,12 +179,15 @@ def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
                          blocks_regex=args.blocks, modules_regex=args.modules,
                          metadata={"world_size": world, "dtype": args.dtype})
     if rank == 0:
+        from layercap.io import all_or_nothing
+
         out = Path(args.output)
-        scores.save(out)
         written = [str(out)]
-        if args.csv and out.suffix.lower() != ".csv":
-            scores.save(out.with_suffix(".csv"))
-            written.append(str(out.with_suffix(".csv")))
+        with all_or_nothing(out, out.with_suffix(".csv")):
+            scores.save(out)
+            if args.csv and out.suffix.lower() != ".csv":
+                scores.save(out.with_suffix(".csv"))
+                written.append(str(out.with_suffix(".csv")))
         print(format_table(scores))
         meta = scores.metadata
         print(f"method {args.method}, {meta.get('tokens', 0):,} tokens, {meta['wall_time_s']:.1f} s, "
@@ -175,5 +197,23 @@ def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
 
         dist.barrier()
     if rank == 0 and options.checkpoint_dir:
-        shutil.rmtree(options.checkpoint_dir, ignore_errors=True)
+        remove_checkpoints(options.checkpoint_dir)
     return 0
+
+
+def remove_checkpoints(folder: str) -> None:
+    """Delete the checkpoint files the engine wrote (``PHASE.rankRofW.pt`` and their temporaries),
+    then the folder if that leaves it empty; anything else in it is left alone."""
+    import re
+
+    path = Path(folder)
+    if not path.is_dir():
+        return
+    ours = re.compile(r"^\.?[\w-]+\.rank\d+of\d+\.pt(\..*\.tmp)?$")
+    for f in path.iterdir():
+        if f.is_file() and ours.match(f.name):
+            f.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty: it holds files layercap did not write

@@ -37,14 +37,26 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_program_options(args) -> None:
+    """Refuse options that the chosen program would ignore (the user meant something else)."""
+    if args.program == "pruning":
+        given = [flag for flag, value in (("--budget", args.budget), ("--cost", args.cost), ("--max", args.upper)) if value is not None]
+        if given:
+            raise LayercapError(f"{', '.join(given)}: allocation option(s), ignored by --program pruning; drop them "
+                                "or use --program allocation.")
+    elif args.sparsity is not None:
+        raise LayercapError("--sparsity: a pruning option, ignored by --program allocation; drop it or use --program pruning.")
+
+
 def main(args) -> int:
-    from layercap.commands.allocate import check_output, format_table, parse_alpha, resolve_cost_option
+    from layercap.commands.allocate import check_output, format_table, parse_alpha, resolve_cost_option, save_with_csv
     from layercap.programs.transfer import transfer
     from layercap.scorefile import LayerScores
 
-    out = check_output(args.output, args.csv) if args.output else None
+    out = check_output(args.output, args.csv, inputs=(args.source, args.target, args.cost)) if args.output else None
     if args.csv and out is None:
         raise LayercapError("--csv needs -o FILE (the CSV is written beside the JSON).")
+    check_program_options(args)
     source = LayerScores.load(args.source)
     target = LayerScores.load(args.target)
     if args.program == "allocation":
@@ -73,8 +85,6 @@ def main(args) -> int:
         for note in result.assumption_notes:
             print(f"note: bound assumption fails: {note}", file=sys.stderr)
     if out is not None:
-        result.save(out)
-        if args.csv:
-            result.save(out.with_suffix(".csv"))
+        save_with_csv(result, out, args.csv)
         print(f"wrote {out}" + (f" and {out.with_suffix('.csv')}" if args.csv else ""))
     return 0

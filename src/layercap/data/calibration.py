@@ -11,6 +11,11 @@ Windows are drawn as in the SparseGPT/Wanda reference code: tokenise the whole t
 take ``nsamples`` random start offsets (seeded). If the text has fewer than
 ``nsamples * seqlen`` tokens, windows overlap; if it has fewer than ``seqlen`` tokens it is an
 error. The SHA-256 of the window tensor identifies the data in every artefact.
+
+BOS (``bos``, see :mod:`layercap.data.bos`): when the model's inputs start with a BOS token, the
+first position of every window holds it instead of the first text token (a position that is
+context, never a target), so the ``nsamples * (seqlen - 1)`` predicted tokens are the same with and
+without BOS. The hash then covers the choice too.
 """
 
 from __future__ import annotations
@@ -21,20 +26,24 @@ from pathlib import Path
 
 import torch
 
+from layercap.data.bos import NO_BOS, BosChoice, as_bos_choice, put_bos
 from layercap.errors import LayercapError
-from layercap.io import parse_jsonl, sha256_bytes
+from layercap.io import check_input_file, parse_json, parse_jsonl, read_text_file, sha256_bytes
 
 TEXT_SUFFIXES_SKIPPED = {".md", ".sha256"}
+MAX_WINDOW_TOKENS = 1 << 30  # 8 GiB of int64 ids: far above any real calibration set
 
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """``input_ids``: LongTensor (nsamples, seqlen). ``sha256``: hash of the ids (hex)."""
+    """``input_ids``: LongTensor (nsamples, seqlen). ``sha256``: hash of the ids and the BOS
+    choice (hex). ``bos``: whether position 0 of every window is the BOS (and why)."""
 
     input_ids: torch.Tensor
     sha256: str
     source: str
     seed: int
+    bos: BosChoice = NO_BOS
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +56,17 @@ class CalibrationSet:
 
     def shard(self, rank: int, world_size: int) -> "CalibrationSet":
         """Windows ``rank::world_size`` (data parallelism: every window goes to exactly one rank)."""
-        return CalibrationSet(self.input_ids[rank::world_size], self.sha256, self.source, self.seed)
+        return CalibrationSet(self.input_ids[rank::world_size], self.sha256, self.source, self.seed, self.bos)
+
+    def subset(self, index) -> "CalibrationSet":
+        """Windows ``input_ids[index]`` (a slice or index tensor), same hash, source and BOS choice."""
+        return CalibrationSet(self.input_ids[index], self.sha256, self.source, self.seed, self.bos)
+
+    def metadata(self) -> dict:
+        """What artefacts record about this data (JSON-ready)."""
+        n, seqlen = self.input_ids.shape
+        return {"sha256": self.sha256, "source": self.source, "nsamples": int(n), "seqlen": int(seqlen),
+                "seed": int(self.seed), "tokens": self.num_tokens, "bos": self.bos.to_dict()}
 
 
 def _record_text(record) -> str:
@@ -80,14 +99,14 @@ def read_text(path: str | Path) -> str:
         if not files:
             raise LayercapError(f"calibration directory {path} contains no files.")
         return "\n\n".join(read_text(f) for f in files)
-    if not path.is_file():
-        raise LayercapError(f"calibration data {str(path)!r} does not exist; pass --data with a text, JSON/JSONL file or a directory.")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    hint = "Pass --data with a UTF-8 text, JSON/JSONL file or a directory."
+    if not path.exists():
+        raise LayercapError(f"calibration data {str(path)!r} does not exist. {hint}")
+    check_input_file(path, "calibration data", hint)
+    # binary or non-UTF-8 bytes are refused (never silently replaced): they are not text to learn from
+    raw = read_text_file(path, "calibration data", hint)
     if path.suffix == ".json":
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path}: invalid JSON ({exc}).") from exc
+        doc = parse_json(raw, path, "calibration data")
         records = doc if isinstance(doc, list) else [doc]
         return "\n\n".join(_record_text(r) for r in records)
     if path.suffix == ".jsonl":
@@ -102,10 +121,18 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_set(tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> CalibrationSet:
-    """``nsamples`` windows of ``seqlen`` tokens from ``path``, seeded (see module docstring)."""
+def calibration_set(
+    tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0, bos="auto", model=None
+) -> CalibrationSet:
+    """``nsamples`` windows of ``seqlen`` tokens from ``path``, seeded (see module docstring).
+
+    ``bos``: ``auto`` (default) / ``always`` / ``never`` or a :class:`BosChoice`; ``model`` (or its
+    config) lets ``auto`` recognise a family that needs BOS (Gemma) whatever its tokenizer says."""
     if nsamples < 1 or seqlen < 2:
         raise LayercapError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}.")
+    if nsamples * seqlen > MAX_WINDOW_TOKENS:
+        raise LayercapError(f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen:,} tokens, more than the "
+                            f"{MAX_WINDOW_TOKENS:,} layercap holds in memory; use fewer or shorter windows.")
     tokens = tokenize_text(tokenizer, read_text(path))
     if tokens.numel() < seqlen + 1:
         raise LayercapError(
@@ -114,4 +141,6 @@ def calibration_set(tokenizer, path: str | Path, nsamples: int = 128, seqlen: in
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
     windows = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
-    return CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes()), str(path), seed)
+    choice = as_bos_choice(bos, tokenizer, model)
+    windows = put_bos(windows, choice)
+    return CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes() + choice.hash_tag), str(path), seed, choice)

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layercap.errors import LayercapError
-from layercap.io import parse_jsonl, sha256_bytes, sha256_file
+from layercap.io import check_number, parse_json, parse_jsonl, read_text_file, sha256_bytes, sha256_file
 
 # Evaluation split of a task directory, first match wins (MRPC dev is special-cased).
 EVAL_SPLITS = (
@@ -142,7 +142,7 @@ def load_task(path: str | Path, limit: int | None = None, seed: int = 0) -> Task
         raise LayercapError(f"--limit must be >= 1, got {limit}.")
     if path.is_dir():
         file, name, items, template = _load_dir(path)
-    elif path.is_file():
+    elif path.exists():
         file, name = path, _task_name(path)
         items, template = _load_file(path, name)
     else:
@@ -181,18 +181,23 @@ def _load_dir(path: Path):
 
 
 def _load_file(path: Path, name: str) -> tuple[list[MCItem], str]:
-    raw = path.read_text(encoding="utf-8-sig", errors="replace")
+    raw = read_text_file(path, "task file", "Pass a UTF-8 task JSON/JSONL/TSV file or a task directory.")
     head = raw.lstrip()[:1]
-    if head == "[":
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path}: invalid JSON ({exc}).") from exc
+    if head == "[" or (head == "{" and _is_one_json_document(raw)):
+        doc = parse_json(raw, path, "task file")
+        if isinstance(doc, dict):
+            raise LayercapError(f"{path}: one JSON object, not a task file; expected a JSON list of records (format A) "
+                                "or JSON lines (one object per line).")
+        if not isinstance(doc, list):
+            raise LayercapError(f"{path}: expected a JSON list of task records, got {type(doc).__name__}.")
         if doc and all(isinstance(r, dict) and "context" in r for r in doc):
             return [_generic(r, path, i) for i, r in enumerate(doc)], "generic"
         return _format_a(doc, path, name)
     if head == "{":
         records = parse_jsonl(raw, path)
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise LayercapError(f"{path}: line {bad + 1} is not a JSON object; expected one task record per line.")
         if all("context" in r for r in records):
             return [_generic(r, path, i) for i, r in enumerate(records)], "generic"
         if all("question" in r and "choices" in r for r in records):
@@ -202,6 +207,18 @@ def _load_file(path: Path, name: str) -> tuple[list[MCItem], str]:
             '({"context", "choices", "label"}).'
         )
     return _load_tsv(path, raw)
+
+
+def _is_one_json_document(raw: str) -> bool:
+    """True when a text starting with '{' is one JSON document spread over several lines (not
+    JSON lines, whose every line is a whole object)."""
+    if len([line for line in raw.splitlines() if line.strip()]) < 2:
+        return False
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +255,8 @@ def _format_a(doc, path: Path, name: str) -> tuple[list[MCItem], str]:
     for i, r in enumerate(doc):
         if not isinstance(r, dict) or "instruction" not in r or "answer" not in r:
             raise LayercapError(f"{path}: record {i} lacks 'instruction'/'answer'; expected format A (see data README).")
+        if not isinstance(r["instruction"], str) or not isinstance(r.get("input") or "", str) or not isinstance(r.get("output") or "", str):
+            raise LayercapError(f"{path}: record {i}: 'instruction', 'input' and 'output' must be strings.")
         try:
             question, choices, keys = _parse_choices(r["instruction"])
         except ValueError as exc:
@@ -296,6 +315,12 @@ def _instruction(question: str, choices: list[str]) -> tuple[str, list[str]]:
 
 def _format_b(r: dict, path: Path, i: int, name: str) -> MCItem:
     ch = r["choices"]
+    texts_ok = isinstance(ch, list) or (isinstance(ch, dict) and isinstance(ch.get("text", []), list)
+                                        and isinstance(ch.get("label", []), list))
+    question_ok = isinstance(r["question"], str) or (isinstance(r["question"], dict) and isinstance(r["question"].get("stem"), str))
+    if not texts_ok or not question_ok:
+        raise LayercapError(f"{path}: line {i + 1}: expected 'question' (str or {{stem}}) and 'choices' "
+                            "({label: [...], text: [...]} or a list); fix the record.")
     texts = list(ch.get("text", [])) if isinstance(ch, dict) else list(ch)
     labels = list(ch.get("label", [])) if isinstance(ch, dict) else [chr(65 + j) for j in range(len(texts))]
     key = str(r.get("answerKey", ""))
@@ -314,10 +339,15 @@ def _format_b(r: dict, path: Path, i: int, name: str) -> MCItem:
 
 
 def _generic(r: dict, path: Path, i: int) -> MCItem:
-    try:
-        context, choices, label = str(r["context"]), [str(c) for c in r["choices"]], int(r["label"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LayercapError(f"{path}: record {i + 1}: need 'context' (str), 'choices' (list) and 'label' (int) ({exc}).") from exc
+    need = "need 'context' (str), 'choices' (list of str) and 'label' (int)"
+    missing = [k for k in ("context", "choices", "label") if k not in r]
+    if missing:
+        raise LayercapError(f"{path}: record {i + 1}: no {', '.join(repr(m) for m in missing)}; {need}.")
+    if not isinstance(r["context"], str) or not isinstance(r["choices"], list) or not all(isinstance(c, str) for c in r["choices"]):
+        raise LayercapError(f"{path}: record {i + 1}: {need}; got context {type(r['context']).__name__}, "
+                            f"choices {type(r['choices']).__name__}.")
+    context, choices = r["context"], list(r["choices"])
+    label = check_number(r["label"], "label", f"{path}: record {i + 1}", integer=True, minimum=0)
     prompt, keys = _instruction(context.strip(), [c.strip() for c in choices])
     return MCItem(context, choices, label, prompt=prompt, answer=f"the correct answer is {keys[label]}" if 0 <= label < len(keys) else "")
 
@@ -394,8 +424,8 @@ def _load_tsv(path: Path, raw: str) -> tuple[list[MCItem], str]:
 
 def _mrpc_dev(path: Path) -> list[MCItem]:
     """GLUE MRPC dev: the rows of msr_paraphrase_train.txt whose (id1, id2) are in dev_ids.tsv."""
-    ids = [tuple(r[:2]) for r in _rows((path / "dev_ids.tsv").read_text(encoding="utf-8-sig"))]
-    table = {(r[1], r[2]): r for r in _rows((path / "msr_paraphrase_train.txt").read_text(encoding="utf-8-sig"))[1:]}
+    ids = [tuple(r[:2]) for r in _rows(read_text_file(path / "dev_ids.tsv", "MRPC dev ids"))]
+    table = {(r[1], r[2]): r for r in _rows(read_text_file(path / "msr_paraphrase_train.txt", "MRPC sentence pairs"))[1:]}
     missing = [i for i in ids if i not in table]
     if missing:
         raise LayercapError(f"{path}: {len(missing)} dev id pairs (e.g. {missing[0]}) are not in msr_paraphrase_train.txt.")

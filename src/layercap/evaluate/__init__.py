@@ -100,12 +100,17 @@ class EvalResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "EvalResult":
-        import json
+        from layercap.io import read_json
 
+        doc = read_json(path, "evaluation result", "Pass an eval.json written by `layercap evaluate`.")
+        if not isinstance(doc, dict):
+            raise LayercapError(f"evaluation result {path}: expected a JSON object, got {type(doc).__name__}.")
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LayercapError(f"cannot read evaluation result {path}: {exc}.") from exc
+            return cls.from_dict(doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, LayercapError):
+                raise
+            raise LayercapError(f"evaluation result {path}: malformed record ({type(exc).__name__}: {exc}).") from None
 
     def table(self) -> str:
         """Readable plain-text summary."""
@@ -148,30 +153,36 @@ def evaluate_model(
     reference: EvalResult | None = None,
     model_name: str = "model",
     progress: bool = True,
+    bos="auto",
 ) -> EvalResult:
     """Perplexity on each ``ppl`` file and zero-shot accuracy on each ``tasks`` file/directory.
 
     All task files are parsed before any model work, so bad input fails fast. ``limit``: seeded
-    random subset of that many items per task (``seed``).
+    random subset of that many items per task (``seed``). ``bos``: ``auto``/``always``/``never``
+    or a :class:`~layercap.data.bos.BosChoice`, decided once for the model and used for every
+    text and task (recorded under ``settings["bos"]``).
     """
+    from layercap.data.bos import as_bos_choice
     from layercap.data.tasks import load_task
 
     loaded = [load_task(t, limit=limit, seed=seed) for t in tasks]
     for p in ppl:
         if not Path(p).exists():
             raise LayercapError(f"perplexity text {str(p)!r} does not exist; pass --ppl with a text file.")
+    choice = as_bos_choice(bos, tokenizer, model)
     if device is not None:
         model.to(device)
     start = time.perf_counter()
     result = EvalResult(
         model=model_name,
-        settings=dict(limit=limit, seqlen=seqlen, stride=stride or seqlen, max_tokens=max_tokens, batch_size=batch_size, seed=seed),
+        settings=dict(limit=limit, seqlen=seqlen, stride=stride or seqlen, max_tokens=max_tokens, batch_size=batch_size, seed=seed,
+                      bos=choice.to_dict()),
     )
     for p in ppl:
-        r = perplexity(model, tokenizer, p, seqlen=seqlen, stride=stride, max_tokens=max_tokens, batch_size=max(1, batch_size // 2), device=device, progress=progress)
+        r = perplexity(model, tokenizer, p, seqlen=seqlen, stride=stride, max_tokens=max_tokens, batch_size=max(1, batch_size // 2), device=device, progress=progress, bos=choice)
         result.ppl[_unique_key(Path(p).name, result.ppl)] = r
     for task in loaded:
-        result.tasks[_unique_key(task.name, result.tasks)] = evaluate_task(model, tokenizer, task, batch_size=batch_size, device=device, progress=progress)
+        result.tasks[_unique_key(task.name, result.tasks)] = evaluate_task(model, tokenizer, task, batch_size=batch_size, device=device, progress=progress, bos=choice)
     result.seconds = time.perf_counter() - start
     result.above_chance = above_chance_tasks(result.tasks)
     return result.with_reference(reference) if reference is not None else result

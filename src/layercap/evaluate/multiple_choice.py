@@ -4,9 +4,12 @@ For every choice the request ``(context, continuation)`` is scored by the summed
 (nats) of the continuation tokens given the context. Tokenisation follows the harness's
 ``_encode_pair``: trailing spaces of the context move to the continuation, ``context +
 continuation`` is encoded as a whole and the continuation tokens are the tokens after
-``len(encode(context))`` (so a merge across the boundary is attributed to the continuation); no
-BOS is added, except that an empty context becomes the BOS (or EOS) token. Sequences longer than
-``max_length`` are cut from the left.
+``len(encode(context))`` (so a merge across the boundary is attributed to the continuation). A BOS
+goes in front of every context when the model's inputs start with one (``bos``, decided by
+:mod:`layercap.data.bos` as the harness does: Gemma, or a tokenizer that adds BOS by default); the
+continuation tokens -- the only ones scored -- are the same either way. An empty context becomes
+the BOS (or EOS) token. Sequences longer than ``max_length`` are cut from the left (keeping the
+BOS first when there is one).
 
 Metrics per item (harness ``process_results``):
 
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layercap.data.bos import NO_BOS, BosChoice, as_bos_choice, prefix_bos
 from layercap.data.tasks import MCItem, Task
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_json
@@ -54,16 +58,22 @@ class TaskResult:
     source: str
     sha256: str
     template: str = ""
+    bos: dict | None = None
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # an undefined standard error (n < 2) is NaN here and null in JSON (which has no NaN)
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskResult":
         if d.get("schema") != SCHEMA:
             raise LayercapError(f"not a {SCHEMA} record (schema {d.get('schema')!r}).")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("acc_stderr", "acc_norm_stderr"):
+            if fields.get(k, 0.0) is None:
+                fields[k] = float("nan")
+        return cls(**fields)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -81,17 +91,18 @@ def item_metrics(logliks: list[float], item: MCItem) -> tuple[float, float]:
     return float(np.argmax(ll) == item.label), float(np.argmax(ll / lengths) == item.label)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the harness's ``_encode_pair`` (see module docstring)."""
+def encode_pair(tokenizer, context: str, continuation: str, bos: BosChoice = NO_BOS) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the harness's ``_encode_pair`` (see module docstring);
+    with ``bos.add`` the context ids start with the BOS."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        prefix = bos.token_id if bos.add else tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         return [prefix], enc(continuation)
     whole, ctx = enc(context + continuation), enc(context)
-    return ctx, whole[len(ctx) :]
+    return prefix_bos(ctx, bos), whole[len(ctx) :]
 
 
 def _max_length(model, default: int = 2048) -> int:
@@ -109,19 +120,33 @@ def _logits(model, input_ids: torch.Tensor, keep: int, **kwargs) -> torch.Tensor
     return out, out.logits[:, -keep:]
 
 
-def _encode(tokenizer, requests: list[tuple[str, str]], max_len: int) -> list[tuple[list[int], list[int]]]:
+def _encode(tokenizer, requests: list[tuple[str, str]], max_len: int, bos: BosChoice = NO_BOS) -> list[tuple[list[int], list[int]]]:
     encoded = []
     for ctx, cont in requests:
-        c, k = encode_pair(tokenizer, ctx, cont)
+        c, k = encode_pair(tokenizer, ctx, cont, bos)
         if not k:
             raise LayercapError(f"continuation {cont!r} encodes to no tokens; every choice needs text.")
         encoded.append((c, k))
     return encoded
 
 
-def _plain(model, encoded, max_len: int, batch_size: int, dev, pad: int, bar) -> list[float]:
+def _inputs(context: list[int], cont: list[int], max_len: int, bos: BosChoice) -> list[int]:
+    """Model inputs of one request (``context + cont`` less its last token), cut from the left to
+    ``max_len``; a leading BOS stays first (the cut falls after it)."""
+    ids = (context + cont)[:-1]
+    if len(ids) <= max_len:
+        return ids
+    if bos.add and context and context[0] == bos.token_id:
+        return [bos.token_id] + ids[len(ids) - (max_len - 1) :]
+    return ids[-max_len:]
+
+
+def _plain(model, encoded, max_len: int, batch_size: int, dev, pad: int, bar, bos: BosChoice = NO_BOS) -> list[float]:
     """Each (context, continuation) as its own right-padded row, longest first."""
-    seqs = [((c + k)[-(max_len + 1) :][:-1], k) for c, k in encoded]  # inputs; targets shifted by one
+    for c, k in encoded:
+        if len(k) > max_len - (1 if bos.add else 0):
+            raise LayercapError(f"a continuation of {len(k)} tokens does not fit the model's context of {max_len}; shorten the choices.")
+    seqs = [(_inputs(c, k, max_len, bos), k) for c, k in encoded]  # inputs; targets shifted by one
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out = [0.0] * len(seqs)
     for s in range(0, len(order), batch_size):
@@ -170,15 +195,17 @@ def _shared(model, ctx: list[int], conts: list[list[int]], dev, pad: int) -> lis
 
 
 def loglikelihoods(
-    model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8, device=None, progress: bool = True, desc: str = "mc"
+    model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8, device=None, progress: bool = True, desc: str = "mc",
+    bos="auto",
 ) -> list[float]:
     """Summed continuation log-probability (nats) of each ``(context, continuation)`` request,
-    each request scored independently (right-padded batches of ``batch_size`` rows)."""
-    return _score_groups(model, tokenizer, [requests], batch_size, device, progress, desc, share=False)[0]
+    each request scored independently (right-padded batches of ``batch_size`` rows). ``bos``:
+    auto/always/never or a :class:`~layercap.data.bos.BosChoice`."""
+    return _score_groups(model, tokenizer, [requests], batch_size, device, progress, desc, share=False, bos=bos)[0]
 
 
 @torch.inference_mode()
-def _score_groups(model, tokenizer, groups, batch_size, device, progress, desc, share: bool) -> list[list[float]]:
+def _score_groups(model, tokenizer, groups, batch_size, device, progress, desc, share: bool, bos="auto") -> list[list[float]]:
     """Log-likelihoods of groups of requests; with ``share`` a group whose requests all have the
     same context tokens is scored with one context pass (``_shared``)."""
     if batch_size < 1:
@@ -186,7 +213,8 @@ def _score_groups(model, tokenizer, groups, batch_size, device, progress, desc, 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     max_len = _max_length(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [_encode(tokenizer, g, max_len) for g in groups]
+    choice = as_bos_choice(bos, tokenizer, model)
+    encoded = [_encode(tokenizer, g, max_len, choice) for g in groups]
     results: list[list[float] | None] = [None] * len(groups)
     was_training = model.training
     model.eval()
@@ -199,7 +227,7 @@ def _score_groups(model, tokenizer, groups, batch_size, device, progress, desc, 
                 if results[gi] is not None:
                     bar.update(len(enc))
         rest = [(gi, j) for gi, r in enumerate(results) if r is None for j in range(len(encoded[gi]))]
-        flat = _plain(model, [encoded[gi][j] for gi, j in rest], max_len, batch_size, dev, pad, bar) if rest else []
+        flat = _plain(model, [encoded[gi][j] for gi, j in rest], max_len, batch_size, dev, pad, bar, choice) if rest else []
         for (gi, j), v in zip(rest, flat):
             if results[gi] is None:
                 results[gi] = [0.0] * len(encoded[gi])
@@ -219,15 +247,18 @@ def _stderr(xs: list[float]) -> float:
 
 
 def evaluate_task(
-    model, tokenizer, task: Task, batch_size: int = 8, device=None, progress: bool = True, share_context: bool = True
+    model, tokenizer, task: Task, batch_size: int = 8, device=None, progress: bool = True, share_context: bool = True,
+    bos="auto",
 ) -> TaskResult:
     """Zero-shot ``acc``/``acc_norm`` of ``model`` on every item of ``task``.
 
     ``share_context``: score the choices of an item that share a context with one context pass
     (KV cache) -- same numbers up to float rounding, several times fewer tokens; items with
-    per-choice contexts (WinoGrande) are batched as independent requests."""
+    per-choice contexts (WinoGrande) are batched as independent requests. ``bos``: see
+    :func:`loglikelihoods`."""
+    choice = as_bos_choice(bos, tokenizer, model)
     groups = [it.requests() for it in task.items]
-    scores = _score_groups(model, tokenizer, groups, batch_size, device, progress, task.name, share=share_context)
+    scores = _score_groups(model, tokenizer, groups, batch_size, device, progress, task.name, share=share_context, bos=choice)
     accs, norms = [], []
     for it, lls in zip(task.items, scores):
         acc, norm = item_metrics(lls, it)
@@ -245,4 +276,5 @@ def evaluate_task(
         source=task.source,
         sha256=task.sha256,
         template=task.template,
+        bos=choice.to_dict(),
     )

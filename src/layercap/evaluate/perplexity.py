@@ -9,6 +9,11 @@ context and a lower, more "honest" perplexity at ``seqlen / stride`` times the c
 
 Unlike the guide, the NLL is summed over the exact number of scored tokens (not ``loss * trg_len``
 with the off-by-one of the shifted labels), so ``ppl = exp(total NLL / tokens)`` exactly.
+
+BOS (``bos``, :mod:`layercap.data.bos`): for a model whose inputs start with a BOS token, the
+first position of every window holds the BOS instead of the text token there. That position is
+always context (every window's first target is at least one position later), so the scored
+tokens are the same set with and without BOS and ``tokens`` does not change.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from layercap.data.bos import as_bos_choice, put_bos
 from layercap.data.calibration import read_text, tokenize_text
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_json, sha256_bytes
@@ -31,7 +37,8 @@ SCHEMA = "layercap.perplexity/v1"
 @dataclass(frozen=True)
 class PerplexityResult:
     """``ppl`` = exp(``nll_per_token``) (nats/token); ``tokens``: number of scored tokens;
-    ``text_tokens``: tokens of the (truncated) text; ``sha256``: hash of those token ids."""
+    ``text_tokens``: tokens of the (truncated) text; ``sha256``: hash of those token ids (and of
+    the BOS choice when a BOS is used); ``bos``: the BOS decision (``BosChoice.to_dict()``)."""
 
     ppl: float
     nll_per_token: float
@@ -41,6 +48,7 @@ class PerplexityResult:
     stride: int
     source: str
     sha256: str
+    bos: dict | None = None
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:
@@ -50,7 +58,10 @@ class PerplexityResult:
     def from_dict(cls, d: dict) -> "PerplexityResult":
         if d.get("schema") != SCHEMA:
             raise LayercapError(f"not a {SCHEMA} record (schema {d.get('schema')!r}).")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        missing = [k for k in cls.__dataclass_fields__ if k not in d and k != "bos"]
+        if missing:
+            raise LayercapError(f"{SCHEMA} record lacks {', '.join(missing)}.")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -98,18 +109,19 @@ def perplexity(
     batch_size: int = 4,
     device=None,
     progress: bool = True,
+    bos="auto",
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on the text of ``path`` (see module docstring)."""
+    """Perplexity of ``model`` on the text of ``path`` (see module docstring). ``bos``:
+    ``auto``/``always``/``never`` or a :class:`~layercap.data.bos.BosChoice`."""
     stride = seqlen if stride is None else stride
     if seqlen < 2 or not (1 <= stride <= seqlen):
         raise LayercapError(f"need --seqlen >= 2 and 1 <= --stride <= --seqlen, got seqlen {seqlen}, stride {stride}.")
     if batch_size < 1:
         raise LayercapError(f"--batch-size must be >= 1, got {batch_size}.")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None) or getattr(
-        getattr(model, "config", None), "n_positions", None
-    )
-    if max_pos and seqlen > max_pos:
-        raise LayercapError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen <= {max_pos}.")
+    from layercap.models.checks import check_seqlen
+
+    check_seqlen(model, seqlen)
+    choice = as_bos_choice(bos, tokenizer, model)
     tokens = tokenize_text(tokenizer, read_text(path))
     if max_tokens is not None:
         if max_tokens < 2:
@@ -131,7 +143,7 @@ def perplexity(
         for length, group in groups.items():
             for s in range(0, len(group), batch_size):
                 chunk = group[s : s + batch_size]
-                ids = torch.stack([tokens[b:e] for b, e, _ in chunk]).to(dev)
+                ids = put_bos(torch.stack([tokens[b:e] for b, e, _ in chunk]), choice).to(dev)
                 for nll, n in token_nll(model, ids, [f - b for b, _, f in chunk]):
                     total, count = total + nll, count + n
                 bar.update(len(chunk))
@@ -147,5 +159,6 @@ def perplexity(
         seqlen=seqlen,
         stride=stride,
         source=str(path),
-        sha256=sha256_bytes(tokens.numpy().tobytes()),
+        sha256=sha256_bytes(tokens.numpy().tobytes() + choice.hash_tag),
+        bos=choice.to_dict(),
     )

@@ -66,6 +66,10 @@ def _has_linear(module: nn.Module) -> bool:
 
 def find_blocks(model: nn.Module, blocks_regex: str | None = None, modules_regex: str | None = None) -> list[Block]:
     """Return the model's decoder blocks in forward order, each with its Linear modules."""
+    from layercap.models.checks import check_regex
+
+    check_regex(blocks_regex, "--blocks")
+    check_regex(modules_regex, "--modules")
     if blocks_regex:
         pattern = re.compile(blocks_regex)
         found = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
@@ -106,6 +110,9 @@ def find_blocks(model: nn.Module, blocks_regex: str | None = None, modules_regex
 
 def find_linears(block: nn.Module, modules_regex: str | None = None) -> dict[str, nn.Module]:
     """Linear/Conv1D modules of a block, by name relative to it, in module order."""
+    from layercap.models.checks import check_regex
+
+    check_regex(modules_regex, "--modules")
     pattern = re.compile(modules_regex) if modules_regex else None
     out = {}
     for name, module in block.named_modules():

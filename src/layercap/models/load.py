@@ -108,11 +108,16 @@ def _materialise_gguf(source: ModelSource) -> Path:
         return target
     import torch
 
+    _check_gguf_magic(source)
     print(f"layercap: de-quantising {source.label} once (cached in {target})", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.directory, gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.directory, gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
+        )
+    except Exception as exc:  # the GGUF reader raises many types on a damaged or unsupported file
+        raise LayercapError(f"could not read {source.label} as a GGUF causal LM ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); check the file is complete and of a supported architecture.") from None
     # The GGUF "quantizer" already de-quantised every tensor to float; drop it so that
     # save_pretrained writes the plain float checkpoint it holds.
     model.hf_quantizer = None
@@ -122,6 +127,30 @@ def _materialise_gguf(source: ModelSource) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def _check_gguf_magic(source: ModelSource) -> None:
+    """Refuse a file named .gguf that is not one (GGUF files start with the bytes 'GGUF')."""
+    path = source.directory / source.gguf_file
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != b"GGUF":
+        raise LayercapError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                            "pass a real .gguf file or a save_pretrained directory.")
+
+
+def _check_model_dir(directory: Path) -> None:
+    """A save_pretrained folder must have a readable config.json and weight files."""
+    from layercap.io import read_json
+
+    config = read_json(directory / "config.json", "model config", "Re-save the model with save_pretrained.")
+    if not isinstance(config, dict):
+        raise LayercapError(f"model config {directory / 'config.json'}: expected a JSON object.")
+    weights = [p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in directory.glob(pattern)
+               if not p.name.startswith("training_args")]
+    if not weights:
+        raise LayercapError(f"model directory {directory} has a config.json but no weight files (*.safetensors / *.bin); "
+                            "the save is incomplete: re-save the model with save_pretrained.")
 
 
 def _tiny_family(spec) -> str | None:
@@ -138,7 +167,11 @@ def load_tokenizer(spec: str | os.PathLike):
         return tiny_tokenizer()
     source = resolve_model(spec)
     directory = _materialise_gguf(source) if source.gguf_file else source.directory
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # missing or damaged tokenizer files raise many types
+        raise LayercapError(f"could not load the tokenizer of {source.label} ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); the folder needs the tokenizer files save_pretrained writes.") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -152,6 +185,9 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
     """
     from transformers import AutoModelForCausalLM
 
+    from layercap.models.checks import check_device
+
+    check_device(device)
     torch_dtype = _torch_dtype(dtype)
     family = _tiny_family(spec)
     if family is not None:
@@ -160,11 +196,14 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
         model, tokenizer = build_tiny(family, dtype=torch_dtype)
         return model.to(device), (tokenizer if with_tokenizer else None)
     source = resolve_model(spec)
+    if not source.gguf_file:
+        _check_model_dir(source.directory)
     directory = _materialise_gguf(source) if source.gguf_file else source.directory
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
-    except (ValueError, KeyError) as exc:
-        raise LayercapError(f"could not load {source.label} as a causal LM: {exc}") from exc
+    except Exception as exc:  # truncated weights, bad config values, unknown architectures: many types
+        raise LayercapError(f"could not load {source.label} as a causal LM ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); check that the save is complete.") from None
     if device != "cpu":
         import torch
 

@@ -47,8 +47,9 @@ def prepare(q, budget, costs=None, beta=0.9, alpha="auto", lower=0.0, upper=None
         raise LayercapError("scores must be a non-empty 1-D array (one per layer).")
     if not np.all(np.isfinite(q)) or np.any(q < 0):
         raise LayercapError("scores must be finite and >= 0; re-run scoring (NaN usually means a diverged model).")
-    if not q.sum() > 0:
+    if not q.max() > 0:
         raise LayercapError("every score is 0, so q is undefined; check the calibration data and scoring method.")
+    q = q / q.max()  # scale first: the sum of huge scores (1e308 each) would overflow to inf
     q = q / q.sum()
     K = q.size
     if not (isinstance(budget, (int, float, np.number)) and np.isfinite(budget) and budget > 0):
@@ -77,7 +78,11 @@ def prepare(q, budget, costs=None, beta=0.9, alpha="auto", lower=0.0, upper=None
             f"infeasible: the lower bounds alone cost {floor_spend:g} > budget {budget:g}. "
             "Raise --budget or lower --min."
         )
-    w = q ** beta
+    with np.errstate(under="ignore"):
+        w = q ** beta
+    if not np.any(w > 0):
+        raise LayercapError(f"beta = {beta:g} makes every weight q^beta underflow to 0 (the largest q is {q.max():.3g}); "
+                            "use a smaller --beta (0 ignores curvature, 1 is proportional; paper: 0.9).")
     return q, w, c, l, u, float(budget), alpha
 
 

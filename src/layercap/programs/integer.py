@@ -112,7 +112,9 @@ def allocate_integer(q, budget, *, costs=None, beta=0.9, alpha="auto", lower=1, 
     n = n.astype(np.int64)
     spent = float(dot(c, n))
     cheapest_next = c[(n < u) & (w > 0)]
-    binds = bool(cheapest_next.size == 0 or spent + cheapest_next.min() > budget * (1 + 1e-12)) and (auto or tau > tau_min)
+    # every layer at its upper bound: the bounds bind, not the budget (unless it is spent exactly)
+    binds = (bool(spent >= budget * (1 - 1e-12)) if cheapest_next.size == 0
+             else bool(spent + cheapest_next.min() > budget * (1 + 1e-12))) and (auto or tau > tau_min)
     if auto:
         obj = -float(dot(w, np.log1p(n)))
         relaxed = -float(dot(w, np.log1p(cont.n)))

@@ -54,8 +54,9 @@ def validate(q, params, sparsity, *, mode="exact", eta=1.0, p=2.0, gamma=1.0, bi
     N = np.asarray(params, dtype=np.float64)
     if q.ndim != 1 or q.size == 0 or N.shape != q.shape:
         raise LayercapError("scores and params must be 1-D arrays of the same non-zero length (one per layer).")
-    if not np.all(np.isfinite(q)) or np.any(q < 0) or not q.sum() > 0:
+    if not np.all(np.isfinite(q)) or np.any(q < 0) or not q.max() > 0:
         raise LayercapError("scores must be finite, >= 0 and not all 0; re-run scoring.")
+    q = q / q.max()  # scale first: the sum of huge scores (1e308 each) would overflow to inf
     if not np.all(np.isfinite(N)) or np.any(N < 1):
         raise LayercapError("params must be >= 1 for every layer (prunable weights per block).")
     if mode not in MODES:

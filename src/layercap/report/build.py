@@ -8,7 +8,6 @@ numbers are exactly those of the files beside it. :func:`collect` gathers them i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,9 @@ class RunData:
 
 
 def _json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    from layercap.io import read_json
+
+    return read_json(path, "run artefact", "Rerun `layercap run` to recreate it.")
 
 
 def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunData:
@@ -76,7 +77,11 @@ def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunD
     for required in ("config.yaml", "model.json", "data/data.json"):
         if not (run_dir / required).is_file():
             raise LayercapError(f"{run_dir}: {required} is missing; run `layercap run -o {run_dir}` to (re)create the run.")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    from layercap.io import read_yaml
+
+    config = read_yaml(run_dir / "config.yaml", "run config", "Rerun `layercap run` to recreate it.")
+    if not isinstance(config, dict):
+        raise LayercapError(f"{run_dir / 'config.yaml'}: expected a YAML mapping, got {type(config).__name__}.")
     run = RunData(run_dir, config, _json(run_dir / "model.json"), _json(run_dir / "data/data.json"), versions=versions or {})
     for method in config["scoring"]["methods"]:
         run.scores[method] = LayerScores.load(run_dir / "scores" / f"{method}.json")

@@ -100,7 +100,8 @@ def score_model(
     if calib is not None:
         meta.update({"data": calib.source, "data_sha256": calib.sha256, "nsamples": int(calib.input_ids.shape[0]),
                      "seqlen": int(calib.input_ids.shape[1]), "tokens": calib.num_tokens,
-                     "predicted_tokens": int(calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1))})
+                     "predicted_tokens": int(calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1)),
+                     "bos": calib.bos.to_dict()})
     if info:
         meta["method_info"] = info
     meta.update(metadata or {})

@@ -136,8 +136,12 @@ class RunContext:
         path = self._ckpt_path(phase)
         if path is None or not self.options.resume or not path.is_file():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("version") != CKPT_VERSION or json.loads(saved["fingerprint"]) != self.fingerprint:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or foreign file: torch raises many types
+            raise LayercapError(f"checkpoint {path} cannot be read ({type(exc).__name__}); it is probably truncated: "
+                                "delete it (the pass restarts) or run without --resume.") from None
+        if not isinstance(saved, dict) or saved.get("version") != CKPT_VERSION or json.loads(saved["fingerprint"]) != self.fingerprint:
             raise LayercapError(
                 f"checkpoint {path} was written by a run with different settings (model, data, method, "
                 "batch size or ranks); delete the checkpoint directory or run without --resume."

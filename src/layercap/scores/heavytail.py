@@ -181,9 +181,9 @@ class HeavyTailScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeavyTailScores":
-        import json
+        from layercap.io import read_json
 
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "heavy-tail scores file"))
 
 
 def group_linears(group) -> dict[str, nn.Module]:

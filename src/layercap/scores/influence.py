@@ -40,7 +40,6 @@ the dimension of the vectors actually used (DataInf's per-entry mean of what it 
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -226,7 +225,9 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceResult":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        from layercap.io import read_json
+
+        return cls.from_dict(read_json(path, "influence file"))
 
 
 def aggregate_influence(u: np.ndarray, mode: str = "all") -> np.ndarray:
@@ -274,13 +275,9 @@ def layer_influences(model: nn.Module, groups, train, validation, proj_dim: int 
 
 def split_for_validation(calib):
     """(train, validation): even windows train, odd windows validate (fallback when no validation set)."""
-    from layercap.data.calibration import CalibrationSet
-
     if calib.input_ids.shape[0] < 2:
         raise LayercapError("influence needs at least 2 calibration windows when no validation set is given; raise --nsamples.")
-    ids = calib.input_ids
-    return (CalibrationSet(ids[0::2], calib.sha256, calib.source, calib.seed),
-            CalibrationSet(ids[1::2], calib.sha256, calib.source, calib.seed))
+    return calib.subset(slice(0, None, 2)), calib.subset(slice(1, None, 2))
 
 
 def influence_method(model, groups, calib, options) -> np.ndarray:

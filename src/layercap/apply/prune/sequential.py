@@ -250,9 +250,7 @@ def prune_model(
         model.train(was_training)
     calibration = None
     if get_pruner(method).needs_data:
-        n, seqlen = calib.input_ids.shape
-        calibration = {"sha256": calib.sha256, "source": calib.source, "nsamples": int(n), "seqlen": int(seqlen),
-                       "seed": int(calib.seed), "tokens": calib.num_tokens}
+        calibration = calib.metadata()
     return PruningReport(
         method=method, structure=structure, modules=records, calibration=calibration,
         wall_time_s=time.perf_counter() - t0,
