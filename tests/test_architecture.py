@@ -18,7 +18,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "layercap"
 
-BASE = {"errors", "io", "scorefile"}
+BASE = {"errors", "io", "scorefile", ""}  # "": layercap/__init__ (__version__, re-exported score types)
 # package -> the packages it may import (besides itself and BASE)
 ALLOWED: dict[str, set[str]] = {
     "errors": set(), "io": set(), "scorefile": set(),

@@ -17,6 +17,7 @@ NAME = "compare-pruning"
 
 def register(subparsers) -> argparse.ArgumentParser:
     from layercap.apply.prune import PRUNERS
+    from layercap.data.bos import add_bos_argument
 
     p = subparsers.add_parser(
         NAME,
@@ -50,10 +51,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild comparison.{json,csv,md,png} from the finished cells in OUTDIR (no model work)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_bos_argument(p)
     return p
-
-
-FLAGS = {"sparsities": "--sparsity", "rules": "--rules", "methods": "--methods"}
 
 
 def main(args) -> int:
@@ -73,7 +72,8 @@ def main(args) -> int:
         model=args.model, rules=args.rules, methods=args.methods, sparsities=args.sparsity, data=args.data,
         nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
         eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size, min_ratio=args.min_ratio,
-        max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.quiet))
+        max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device, bos=args.bos,
+        progress=not args.quiet))
     result, summary = run_pruning_sweep(options, args.output, log=lambda msg: print(msg, file=sys.stderr))
     print(result.markdown())
     print(f"ran {len(summary.ran)} stage(s), {len(summary.skipped)} unchanged; "

@@ -15,6 +15,7 @@ import random
 import re
 from pathlib import Path
 
+from layercap.data.bos import NO_BOS, BosChoice, put_bos
 from layercap.errors import LayercapError
 
 TEMPLATE = (
@@ -27,13 +28,17 @@ def render_prompt(prompt: str) -> str:
     return TEMPLATE.format(prompt=prompt)
 
 
-def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
-    """Token ids of rendered prompt + answer + eos and labels (-100 on the prompt)."""
+def encode_example(tokenizer, prompt: str, answer: str, max_length: int, bos: BosChoice = NO_BOS) -> dict[str, list[int]]:
+    """Token ids of [BOS] + rendered prompt + answer + eos and labels (-100 on the prompt and BOS).
+
+    A long example keeps its answer and loses prompt tokens from the left; the BOS (when
+    ``bos.add``) stays first, as the model always sees it."""
     p = tokenizer(render_prompt(prompt), add_special_tokens=False)["input_ids"]
     a = tokenizer(answer, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    a = a[: max_length - 1 - len(eos)] + eos  # at least one prompt token stays as context
-    p = p[-(max_length - len(a)):]  # keep the answer; drop prompt tokens from the left
+    head = [bos.token_id] if bos.add else []
+    a = a[: max_length - 1 - len(head) - len(eos)] + eos  # at least one prompt token stays as context
+    p = head + p[-(max_length - len(head) - len(a)):]  # keep the answer; drop prompt tokens from the left
     return {"input_ids": p + a, "labels": [-100] * len(p) + a}
 
 
@@ -67,8 +72,10 @@ def instruction_task(task):
     return Task(task.name, items, chance, task.source, task.sha256, "instruction")
 
 
-def instruction_calibration(tokenizer, train_path: Path, nsamples: int, seqlen: int, seed: int = 0):
-    """Two disjoint CalibrationSets (train, validation) from the task's rendered training examples."""
+def instruction_calibration(tokenizer, train_path: Path, nsamples: int, seqlen: int, seed: int = 0,
+                            bos: BosChoice = NO_BOS):
+    """Two disjoint CalibrationSets (train, validation) from the task's rendered training examples
+    (position 0 of every window holds the BOS when ``bos.add``, see :func:`layercap.data.bos.put_bos`)."""
     from layercap.data.calibration import CalibrationSet, tokenize_text
     from layercap.data.tasks import load_task
     from layercap.io import sha256_bytes
@@ -90,6 +97,6 @@ def instruction_calibration(tokenizer, train_path: Path, nsamples: int, seqlen: 
         if ids.numel() < need:
             raise LayercapError(f"{train_path}: not enough training text for {nsamples} x {seqlen} calibration "
                                 "tokens; lower --calib-nsamples / --calib-seqlen.")
-        windows = ids[:need].reshape(nsamples, seqlen).clone()
-        sets.append(CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes()), str(train_path), seed))
+        windows = put_bos(ids[:need].reshape(nsamples, seqlen).clone(), bos)
+        sets.append(CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes() + bos.hash_tag), str(train_path), seed, bos))
     return sets[0], sets[1]

@@ -12,7 +12,7 @@ import math
 import torch
 
 
-def score_shared_prefix(model, tokenizer, task, batch_size: int = 8, progress: bool = True):
+def score_shared_prefix(model, tokenizer, task, batch_size: int = 8, progress: bool = True, bos="auto"):
     """``evaluate_task`` for items whose choices differ only in their last token, one forward per item.
 
     See :func:`shared_prefix_logliks`. Returns a ``TaskResult``.
@@ -21,18 +21,21 @@ def score_shared_prefix(model, tokenizer, task, batch_size: int = 8, progress: b
 
     from layercap.evaluate.multiple_choice import TaskResult, item_metrics
 
-    lls = shared_prefix_logliks(model, tokenizer, task, batch_size=batch_size, progress=progress)
+    from layercap.data.bos import as_bos_choice
+
+    bos = as_bos_choice(bos, tokenizer, model)
+    lls = shared_prefix_logliks(model, tokenizer, task, batch_size=batch_size, progress=progress, bos=bos)
     metrics = [item_metrics(ll, it) for ll, it in zip(lls, task.items)]
     accs, norms = [m[0] for m in metrics], [m[1] for m in metrics]
     n = len(accs)
     se = lambda xs: statistics.stdev(xs) / math.sqrt(n) if n > 1 else float("nan")  # noqa: E731
     return TaskResult(name=task.name, acc=sum(accs) / n, acc_norm=sum(norms) / n, acc_stderr=se(accs),
                       acc_norm_stderr=se(norms), n=n, chance=task.chance, source=task.source, sha256=task.sha256,
-                      template=task.template)
+                      template=task.template, bos=bos.to_dict())
 
 
 @torch.inference_mode()
-def shared_prefix_logliks(model, tokenizer, task, batch_size: int = 8, progress: bool = True) -> list[list[float]]:
+def shared_prefix_logliks(model, tokenizer, task, batch_size: int = 8, progress: bool = True, bos="auto") -> list[list[float]]:
     """Per item, the summed continuation log-probability (nats) of every choice, in choice order.
 
     Instruction-format choices ("the correct answer is answer1" .. "answer4") share the context
@@ -44,19 +47,24 @@ def shared_prefix_logliks(model, tokenizer, task, batch_size: int = 8, progress:
     """
     from tqdm.auto import tqdm
 
+    from layercap.data.bos import as_bos_choice
     from layercap.evaluate.multiple_choice import encode_pair, loglikelihoods
+
+    bos = as_bos_choice(bos, tokenizer, model)
 
     dev = next(model.parameters()).device
     cfg = getattr(model, "config", None)
     max_len = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
     shared, other = [], []  # shared: (item index, input ids, n shared continuation tokens, last-token ids)
     for i, it in enumerate(task.items):
-        enc = [encode_pair(tokenizer, c, k) for c, k in it.requests()]
+        enc = [encode_pair(tokenizer, c, k, bos) for c, k in it.requests()]
         ctx, conts = enc[0][0], [k for _, k in enc]
         same = all(c == ctx for c, _ in enc) and len({len(k) for k in conts}) == 1 and len(conts[0]) >= 1
         same = same and all(k[:-1] == conts[0][:-1] for k in conts)
         if same and len(set(k[-1] for k in conts)) == len(conts):
             seq = (ctx + conts[0])[-(max_len + 1):][:-1]
+            if bos.add and seq[0] != bos.token_id:  # cut from the left: the BOS stays first
+                seq = [bos.token_id] + seq[1:]
             shared.append((i, seq, len(conts[0]) - 1, [k[-1] for k in conts]))
         else:
             other.append(i)
@@ -92,7 +100,7 @@ def shared_prefix_logliks(model, tokenizer, task, batch_size: int = 8, progress:
             r = task.items[i].requests()
             spans.append((i, len(reqs), len(reqs) + len(r)))
             reqs.extend(r)
-        flat = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, progress=progress, desc=task.name)
+        flat = loglikelihoods(model, tokenizer, reqs, batch_size=batch_size, progress=progress, desc=task.name, bos=bos)
         for i, a, b in spans:
             lls[i] = flat[a:b]
     return [lls[i] for i in range(len(task.items))]

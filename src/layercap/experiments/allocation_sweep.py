@@ -178,7 +178,10 @@ def _score(sw: _Sweep, task: str, train: str, method: str, rel: str) -> list[str
     model, tokenizer = sw.base()
     calib = validation = None
     if method != "alpha-hill":
-        calib, validation = instruction_calibration(tokenizer, Path(train), o.calib_nsamples, o.calib_seqlen)
+        from layercap.data.bos import resolve_bos
+
+        bos = resolve_bos(o.finetune.bos, tokenizer, model)
+        calib, validation = instruction_calibration(tokenizer, Path(train), o.calib_nsamples, o.calib_seqlen, bos=bos)
         print(f"scoring {method} on {train} ({o.calib_nsamples} x {o.calib_seqlen} tokens)", file=sys.stderr)
     compute_scores(model, method, calib, sw.out / rel, batch_size=o.calib_batch_size,
                    progress=o.finetune.progress, validation=validation,

@@ -25,16 +25,10 @@ def resolve_device(device: str) -> str:
 
 
 def check_device(device: str, field: str = "device") -> str:
-    """``device`` if torch can use it; a LayercapError naming ``field`` otherwise."""
-    device = resolve_device(device)
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
-        raise LayercapError(f"{field} {device!r} is not supported; use cpu, cuda or cuda:N (or auto).")
-    if device.startswith("cuda"):
-        import torch
+    """``device`` (``auto`` resolved) if torch can use it; a LayercapError naming ``field`` otherwise."""
+    from layercap.models.checks import check_device as _check
 
-        if not torch.cuda.is_available():
-            raise LayercapError(f"{field} {device!r} requested but CUDA is not available; use cpu.")
-    return device
+    return _check(resolve_device(device), field)
 
 
 def is_tiny(spec: str) -> bool:

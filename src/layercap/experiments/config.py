@@ -95,6 +95,9 @@ class DataConfig:
     nsamples: int = _f("calibration windows", kind="int", lo=1, default=4)
     seqlen: int = _f("tokens per calibration window", kind="int", lo=2, default=256)
     seed: int = _f("seed of the window offsets", kind="int", lo=0, default=0)
+    bos: str = _f("BOS token at the start of every window and request: `auto` (as lm-evaluation-harness: Gemma, "
+                  "or a tokenizer that adds BOS by default), `always`, `never`", choices=("auto", "always", "never"),
+                  default="auto")
 
 
 @dataclass

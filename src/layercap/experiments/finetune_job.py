@@ -129,10 +129,14 @@ def evaluate_adapter(model: nn.Module, tokenizer, tasks: dict[str, Any], options
     from layercap.evaluate.multiple_choice import evaluate_task
     from layercap.evaluate.shared_prefix import score_shared_prefix
 
+    from layercap.data.bos import resolve_bos
+
+    bos = resolve_bos(options.bos, tokenizer, model)
     results = {}
     for fmt, task in tasks.items():
         score = score_shared_prefix if fmt == "instruction" else evaluate_task
-        results[fmt] = score(model, tokenizer, task, batch_size=options.eval_batch_size, progress=options.progress).to_dict()
+        results[fmt] = score(model, tokenizer, task, batch_size=options.eval_batch_size, progress=options.progress,
+                             bos=bos).to_dict()
     return results
 
 

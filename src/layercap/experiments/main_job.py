@@ -121,9 +121,8 @@ def load_run_model(ctx: RunContext, with_tokenizer: bool = True, path: str | Non
     from layercap.models import load_model
 
     if path is None:
-        if ctx.dense is None:
-            ctx.dense = load_model(model_dir_or_spec(ctx), dtype=ctx.config.model.dtype, device=ctx.device)
-        model, tokenizer = copy.deepcopy(ctx.dense[0]), ctx.dense[1]
+        dense, tokenizer = dense_model(ctx)
+        model = copy.deepcopy(dense)
         tokenizer = tokenizer if with_tokenizer else None
     else:
         model, tokenizer = load_model(path, dtype=ctx.config.model.dtype, device=ctx.device, with_tokenizer=with_tokenizer)
@@ -136,6 +135,16 @@ def load_run_model(ctx: RunContext, with_tokenizer: bool = True, path: str | Non
     return model, tokenizer
 
 
+def dense_model(ctx: RunContext):
+    """The run's dense (model, tokenizer), loaded on first use and kept for the invocation.
+    Never modify it: :func:`load_run_model` hands stages deep copies."""
+    from layercap.models import load_model
+
+    if ctx.dense is None:
+        ctx.dense = load_model(model_dir_or_spec(ctx), dtype=ctx.config.model.dtype, device=ctx.device)
+    return ctx.dense
+
+
 def find_run_blocks(ctx: RunContext, model):
     from layercap.models import find_blocks
 
@@ -146,7 +155,7 @@ def find_run_blocks(ctx: RunContext, model):
 def data_inputs(ctx: RunContext) -> dict[str, Any]:
     d = ctx.config.data
     path = _existing(ctx.config.data_path(d.calibration), "data.calibration")
-    return {"data": {"nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed}, "file": hash_output(path),
+    return {"data": {"nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "bos": d.bos}, "file": hash_output(path),
             "tokenizer": ctx.upstream(*(["model"] if is_tiny(ctx.config.model.spec) else ["model.json"]))}
 
 
@@ -158,13 +167,20 @@ def stage_data(ctx: RunContext) -> list[str]:
     d = ctx.config.data
     tokenizer = load_tokenizer(model_dir_or_spec(ctx))
     path = ctx.config.data_path(d.calibration)
-    calib = calibration_set(tokenizer, path, nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed)
+    # the family decides BOS too (Gemma always gets one), not only the tokenizer
+    if is_tiny(ctx.config.model.spec):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(ctx.path("model"))
+    else:
+        model_config = dense_model(ctx)[0].config
+    calib = calibration_set(tokenizer, path, nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, bos=d.bos, model=model_config)
     buf = io.BytesIO()
     np.save(buf, calib.input_ids.numpy().astype(np.int64), allow_pickle=False)
     atomic_write_bytes(ctx.path("data/calibration.npy"), buf.getvalue())
     atomic_write_json(ctx.path("data/data.json"), {
         "schema": DATA_SCHEMA, "source": str(path), "source_sha256": hash_output(path), "sha256": calib.sha256,
-        "nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "tokens": calib.num_tokens,
+        "nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "tokens": calib.num_tokens, "bos": calib.bos.to_dict(),
     })
     return ["data/calibration.npy", "data/data.json"]
 
@@ -172,11 +188,12 @@ def stage_data(ctx: RunContext) -> list[str]:
 def load_calibration(ctx: RunContext):
     import torch
 
+    from layercap.data.bos import BosChoice
     from layercap.data.calibration import CalibrationSet
 
     meta = json.loads(ctx.path("data/data.json").read_text(encoding="utf-8"))
     ids = torch.from_numpy(np.load(ctx.path("data/calibration.npy"), allow_pickle=False))
-    return CalibrationSet(ids, meta["sha256"], meta["source"], meta["seed"])
+    return CalibrationSet(ids, meta["sha256"], meta["source"], meta["seed"], BosChoice.from_dict(meta.get("bos", {})))
 
 
 def _model_and_data(ctx: RunContext) -> dict[str, str]:
@@ -336,7 +353,7 @@ def eval_inputs(ctx: RunContext, variant: str) -> dict[str, Any]:
     else:
         upstream = ctx.upstream(f"pruned/{variant}.json", *([f"pruned/{variant}"] if ctx.config.pruning.save_checkpoints else []),
                                 *(["eval/dense.json"] if ctx.config.evaluation.dense else []))
-    fields_ = {k: getattr(e, k) for k in ("ppl_tokens", "ppl_seqlen", "limit")}
+    fields_ = {k: getattr(e, k) for k in ("ppl_tokens", "ppl_seqlen", "limit")} | {"bos": ctx.config.data.bos}
     return {"variant": variant, "evaluation": fields_, "dtype": ctx.config.model.dtype, "files": files, "upstream": upstream}
 
 
@@ -380,6 +397,7 @@ def _evaluate(ctx: RunContext, model, tokenizer, variant: str, reference):
         tasks=[str(ctx.config.data_path(e.tasks_dir) / t) for t in e.tasks],
         limit=e.limit, seqlen=e.ppl_seqlen, max_tokens=e.ppl_tokens, batch_size=e.batch_size,
         device=None if ctx.device == "cpu" else ctx.device, reference=reference, model_name=variant, progress=True,
+        bos=ctx.config.data.bos,
     )
 
 

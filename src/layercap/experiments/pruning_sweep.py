@@ -69,10 +69,15 @@ class PruningSweepOptions:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    bos: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
         from layercap.apply.prune import PRUNERS
+        from layercap.data.bos import POLICIES
+
+        if self.bos not in POLICIES:
+            raise LayercapError(f"bos must be one of {', '.join(POLICIES)}, got {self.bos!r}.")
 
         known = known_score_methods()
         specs = [parse_rule(r, "pruning", known_sources=known) for r in self.rules]
@@ -124,7 +129,7 @@ class _Sweep:
     def eval_kwargs(self) -> dict[str, Any]:
         o = self.options
         return dict(ppl=o.ppl, tasks=o.tasks, limit=o.limit, seqlen=o.eval_seqlen, max_tokens=o.max_tokens,
-                    batch_size=o.batch_size, seed=o.seed, progress=o.progress)
+                    batch_size=o.batch_size, seed=o.seed, progress=o.progress, bos=self.calib.bos)
 
     def validation(self):
         """LayerIF's held-out windows: other windows of the same text."""
@@ -132,14 +137,15 @@ class _Sweep:
             from layercap.data.calibration import calibration_set
 
             o = self.options
-            self._validation = calibration_set(self.tokenizer, o.data, nsamples=max(2, o.nsamples // 2), seqlen=o.seqlen, seed=o.seed + 1)
+            self._validation = calibration_set(self.tokenizer, o.data, nsamples=max(2, o.nsamples // 2), seqlen=o.seqlen,
+                                               seed=o.seed + 1, bos=self.calib.bos)
         return self._validation
 
 
 def plan(sw: _Sweep) -> list[Stage]:
     o = sw.options
     eval_key = {k: sw.settings[k] for k in ("model_fingerprint", "dtype", "ppl_sha256", "task_sha256", "limit",
-                                           "eval_seqlen", "max_tokens", "seed")}
+                                           "eval_seqlen", "max_tokens", "seed", "bos")}
     calib_key = {"calibration_sha256": sw.calib.sha256, "model_fingerprint": sw.settings["model_fingerprint"], "dtype": o.dtype}
     stages = [Stage("dense", lambda ctx: eval_key, _dense)]
     sources = []
@@ -241,10 +247,11 @@ def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
     if out.exists() and not out.is_dir():
         raise LayercapError(f"output {out} is a file; pass a directory.")
     model, tokenizer = load_model(o.model, dtype=o.dtype, device=o.device)
-    calib = calibration_set(tokenizer, o.data, nsamples=o.nsamples, seqlen=o.seqlen, seed=o.seed)
+    calib = calibration_set(tokenizer, o.data, nsamples=o.nsamples, seqlen=o.seqlen, seed=o.seed, bos=o.bos, model=model)
     settings = {
         "model": str(o.model), "model_fingerprint": model_fingerprint(o.model), "dtype": o.dtype, "data": str(o.data),
         "calibration_sha256": calib.sha256, "nsamples": o.nsamples, "seqlen": o.seqlen, "seed": o.seed,
+        "bos": calib.bos.to_dict(),
         "ppl": [str(p) for p in o.ppl], "ppl_sha256": [file_hash(p, "ppl") for p in o.ppl],
         "tasks": [str(t) for t in o.tasks], "task_sha256": task_hashes, "limit": o.limit, "eval_seqlen": o.eval_seqlen,
         "max_tokens": o.max_tokens, "min_ratio": o.min_ratio, "max_ratio": o.max_ratio,

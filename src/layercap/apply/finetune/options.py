@@ -43,6 +43,8 @@ class FinetuneOptions:
     eval_format: str = _opt("instruction", "score the trained instruction format, the harness zero-shot prompts, or both",
                             choices=EVAL_FORMATS)
     save_steps: int | None = _opt(None, "checkpoint every S steps (default: about 5 per run)")
+    bos: str = _opt("auto", "BOS token first in every example and request: auto (as lm-evaluation-harness: Gemma, or a "
+                    "tokenizer that adds BOS by default), always, never", choices=("auto", "always", "never"))
     warmup_ratio: float = _opt(0.0, "share of the steps with linear warm-up", cli=False)
     weight_decay: float = _opt(0.0, "AdamW weight decay", cli=False)
     progress: bool = _opt(True, "progress bars", cli=False)
@@ -52,6 +54,8 @@ class FinetuneOptions:
 
         if self.adapter not in ADAPTERS:
             raise LayercapError(f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}.")
+        if self.bos not in ("auto", "always", "never"):
+            raise LayercapError(f"bos must be one of auto, always, never, got {self.bos!r}.")
         if self.eval_format not in EVAL_FORMATS:
             raise LayercapError(f"eval_format must be one of {', '.join(EVAL_FORMATS)}, got {self.eval_format!r}.")
         checks = [

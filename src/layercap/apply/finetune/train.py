@@ -21,6 +21,7 @@ from torch import nn
 from layercap.apply.finetune.adapters import attach_adapter, check_counts_for
 from layercap.apply.finetune.options import FinetuneOptions
 from layercap.apply.finetune.trainer import Collator, make_trainer_class, quiet_logs, training_args
+from layercap.data.bos import resolve_bos
 from layercap.data.instruction import encode_example
 from layercap.models.source import model_source
 
@@ -61,7 +62,8 @@ def train_adapter(model: nn.Module, tokenizer, counts: dict[str, int], pairs: li
     if moe_config is not None:
         moe_config.model_source = model_source(model)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    dataset = [encode_example(tokenizer, p, a, options.max_length) for p, a in pairs]
+    bos = resolve_bos(options.bos, tokenizer, model)
+    dataset = [encode_example(tokenizer, p, a, options.max_length, bos) for p, a in pairs]
     steps = train_steps(len(dataset), options)
     trainer = make_trainer_class()(
         model=train_model, args=training_args(checkpoints, options, steps), train_dataset=dataset,
