@@ -160,8 +160,13 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
         return model.to(device), (tokenizer if with_tokenizer else None)
     source = resolve_model(spec)
     directory = _materialise_gguf(source) if source.gguf_file else source.directory
+    from layercap.models.sparse_format import load_sparse_checkpoint, sparsity_config
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+        if sparsity_config(directory):  # compressed-tensors sparse bitmask (`prune --save-format compressed-tensors`)
+            model = load_sparse_checkpoint(directory, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
     except (ValueError, KeyError) as exc:
         raise LayercapError(f"could not load {source.label} as a causal LM: {exc}") from exc
     if device != "cpu":
