@@ -63,3 +63,21 @@ def test_bad_task_names_and_missing_data(tmp_path):
         parse_tasks(" , ")
     with pytest.raises(LayercapError, match="does not exist"):
         task_config("arc_easy", tmp_path)
+
+
+def test_evaluate_cli_lm_eval_on_the_same_subset(tmp_path, shared_data, monkeypatch):
+    from layercap.cli import main
+
+    model, tok = build_tiny("llama", num_layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("LAYERCAP_SHARED_DATA", str(shared_data))
+    out = tmp_path / "eval.json"
+    rc = main(["evaluate", str(tmp_path / "m"), "--tasks", str(shared_data / "tasks" / "ARC-Easy"), "--limit", "8",
+               "--seed", "5", "--lm-eval", "arc_easy", "--batch-size", "4", "-o", str(out), "--quiet"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    ours, theirs = doc["tasks"]["ARC-Easy"], doc["lm_eval"]["tasks"]["arc_easy"]
+    assert theirs["n"] == ours["n"] == 8
+    assert theirs["acc"] == pytest.approx(ours["acc"], abs=1e-12)
+    assert theirs["acc_norm"] == pytest.approx(ours["acc_norm"], abs=1e-12)
