@@ -124,6 +124,10 @@ def test_recipe_rejects_bad_input(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"schema": "layercap.scores/v1"}))
     with pytest.raises(LayercapError, match="schema"):
         export(tmp_path / "bad.json", "llmcompressor", tmp_path / "x.yaml")
+    gpt2, _ = build_tiny("gpt2")
+    _ratios(gpt2, [0.3, 0.5, 0.7, 0.4], tmp_path / "g.json")
+    with pytest.raises(LayercapError, match="Conv1D"):  # llm-compressor would silently skip it
+        export(tmp_path / "g.json", "llmcompressor", tmp_path / "x.yaml", model=gpt2)
     _allocation(["model.layers.0"], [1], tmp_path / "a.json")
     with pytest.raises(LayercapError, match="ratios/v1"):
         export(tmp_path / "a.json", "llmcompressor", tmp_path / "x.yaml")

@@ -42,12 +42,12 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    from layercap.apply.lora_moe import parse_targets
+    from layercap.errors import LayercapError
     from layercap.export import ExportOptions, export
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
-    if args.targets and not targets:
-        parse_targets(args.targets, None)  # raises the usual --targets error
+    if args.targets is not None and not targets:
+        raise LayercapError(f"--targets {args.targets!r} names no module; pass e.g. q_proj,v_proj.")
     options = ExportOptions(method=args.method, structure=args.structure, dampening_frac=args.dampening_frac,
                             block_size=args.block_size, rank_unit=args.rank_unit, targets=targets,
                             alpha_ratio=args.alpha_ratio, dropout=args.dropout, blocks=args.blocks, modules=args.modules)

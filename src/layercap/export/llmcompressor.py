@@ -32,6 +32,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 import yaml
 
 from layercap.errors import LayercapError
@@ -74,6 +75,13 @@ def recipe_targets(ratios: PruningRatios, model=None, structure: str = "unstruct
 
     blocks = find_blocks(model)
     per_module = module_ratios(blocks, wanted, structure)  # unknown names raise, N:M shapes checked
+    foreign = [f"{b.name}.{rel}" for b in blocks for rel, m in b.linears.items() if not isinstance(m, torch.nn.Linear)]
+    if foreign:
+        raise LayercapError(
+            f"{foreign[0]} is a {type(dict(model.named_modules())[foreign[0]]).__name__}, not torch.nn.Linear; llm-compressor's "
+            "pruning modifiers only prune Linear/Conv layers, so the recipe would leave it dense. Prune this model "
+            "with `layercap prune` instead."
+        )
     if nested:
         return [(n, r) for n, r in per_module.items() if r > 0]
     position = {n: i for i, (n, _) in enumerate(model.named_modules())}
