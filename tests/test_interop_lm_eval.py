@@ -81,3 +81,15 @@ def test_evaluate_cli_lm_eval_on_the_same_subset(tmp_path, shared_data, monkeypa
     assert theirs["n"] == ours["n"] == 8
     assert theirs["acc"] == pytest.approx(ours["acc"], abs=1e-12)
     assert theirs["acc_norm"] == pytest.approx(ours["acc_norm"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_smollm2_lm_eval_equals_layercap(smollm2, shared_data):
+    model, tok = smollm2  # session fixture: HFLM only runs forward passes on it
+    out = run_lm_eval(model, tok, "arc_easy", batch_size=8, limit=10, seed=0, data_root=shared_data)
+    task = load_task(shared_data / "tasks" / "ARC-Easy", limit=10, seed=0)
+    ours = evaluate_task(model, tok, task, batch_size=8, progress=False)
+    theirs = out["tasks"]["arc_easy"]
+    assert theirs["n"] == ours.n == 10
+    assert theirs["acc"] == pytest.approx(ours.acc, abs=1e-12)
+    assert theirs["acc_norm"] == pytest.approx(ours.acc_norm, abs=1e-12)
