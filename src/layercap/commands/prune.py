@@ -110,7 +110,7 @@ def main(args) -> int:
         uncovered = [b.name for b in blocks if b.name not in ratios and not any(k.startswith(b.name + ".") for k in ratios)]
         if uncovered:
             print(f"layercap prune: {len(uncovered)} block(s) not in {args.ratios} stay dense, e.g. {uncovered[:3]}", file=sys.stderr)
-    per_module = module_ratios(blocks, ratios, args.structure)  # names checked before any work
+    module_ratios(blocks, ratios, args.structure)  # names checked before any work
     calib = None
     if args.method != "magnitude":
         calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
@@ -125,9 +125,9 @@ def main(args) -> int:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if args.save_format == "compressed-tensors":
-            from layercap.export.compressed_tensors import compress_checkpoint
+            from layercap.export.compressed_tensors import compress_pruned
 
-            summary = compress_checkpoint(tmp, [m for m, r in per_module.items() if r > 0], args.structure)
+            summary = compress_pruned(tmp, blocks, ratios, args.structure)
             report.metadata["save_format"] = {k: v for k, v in summary.items() if k != "modules"}
         report.save(Path(tmp) / "pruning.json")
     print(report.table())

@@ -24,8 +24,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_json
 from layercap.models.sparse_format import BITMASK, BITMASK_24, _shards, encode
@@ -126,10 +124,10 @@ def _update_config(directory: Path, fmt: str, structure: str, targets: list[str]
     atomic_write_json(cfg_path, cfg)
 
 
-def save_compressed(model, tokenizer, directory: str | os.PathLike, modules: list[str], structure: str = "unstructured") -> dict:
-    """``save_pretrained`` (safetensors) + tokenizer, then :func:`compress_checkpoint` (for an atomic directory)."""
-    model.save_pretrained(directory, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    with torch.no_grad():
-        return compress_checkpoint(directory, modules, structure)
+def compress_pruned(directory: str | os.PathLike, blocks, ratios, structure: str = "unstructured") -> dict:
+    """:func:`compress_checkpoint` for every Linear that ``ratios`` (block or module name -> ratio, as
+    given to ``prune_model``) prunes in ``blocks`` (``find_blocks`` of the model); dense ones stay dense."""
+    from layercap.apply.prune import module_ratios
+
+    per_module = module_ratios(blocks, ratios, structure)
+    return compress_checkpoint(directory, [m for m, r in per_module.items() if r > 0], structure)
