@@ -146,3 +146,29 @@ def test_reference_decompressor_reads_our_checkpoint(tmp_path, ratios_file):
         run = subprocess.run([sys.executable, "-c", REFERENCE_CHECK, str(sparse)], env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         assert "reference decode equal" in run.stdout
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    from layercap.apply.prune import prune_model
+    from layercap.export.compressed_tensors import compress_pruned
+    from layercap.models.tiny import build_tiny
+
+    model, tok = build_tiny("llama")
+    blocks = find_blocks(model)
+    ratios = {b.name: r for b, r in zip(blocks, [0.5, 0.2, 0.0, 0.7])}
+    prune_model(model, ratios, method="magnitude", progress=False, blocks=blocks)
+    d = tmp_path / "sharded"
+    model.save_pretrained(d, safe_serialization=True, max_shard_size="20KB")
+    tok.save_pretrained(d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    summary = compress_pruned(d, blocks, ratios)
+    assert summary["stored_bytes"] < summary["dense_bytes"]
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.3.mlp.up_proj.weight" not in index and "model.layers.3.mlp.up_proj.bitmask" in index
+    for key, shard in index.items():  # every key the index names is in that shard
+        assert key in load_file(str(d / shard)), key
+    reloaded, _ = load_model(str(d))
+    for (k, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(_logits(model), _logits(reloaded))

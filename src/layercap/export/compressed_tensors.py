@@ -26,7 +26,7 @@ from pathlib import Path
 
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_json
-from layercap.models.sparse_format import BITMASK, BITMASK_24, _shards, encode
+from layercap.models.sparse_format import BITMASK, BITMASK_24, shard_files, encode
 
 LAYOUT_VERSION = "0.14.0"  # compressed-tensors release whose sparse layout this writes
 FORMAT_FOR = {"unstructured": BITMASK, "2:4": BITMASK_24}
@@ -59,7 +59,7 @@ def compress_checkpoint(directory: str | os.PathLike, modules: list[str], struct
     index_path = directory / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
     encoded, seen, dense_bytes, stored_bytes, zeros, total = [], set(), 0, 0, 0, 0
-    for shard in _shards(directory):
+    for shard in shard_files(directory):
         tensors = load_file(str(shard))
         metadata = _metadata(shard)
         out = {}

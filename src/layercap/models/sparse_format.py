@@ -101,7 +101,7 @@ def sparsity_config(directory: str | os.PathLike) -> dict | None:
     return sc if sc.get("format") in SPARSE_FORMATS else None
 
 
-def _shards(directory: Path) -> list[Path]:
+def shard_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -120,7 +120,7 @@ def decoded_state_dict(directory: str | os.PathLike, fmt: str | None = None) -> 
     if fmt not in SPARSE_FORMATS:
         raise LayercapError(f"{directory}: config.json has no sparse bitmask sparsity_config.")
     raw: dict[str, torch.Tensor] = {}
-    for shard in _shards(directory):
+    for shard in shard_files(directory):
         raw.update(load_file(str(shard)))
     names = PARAMS[fmt]
     out, groups = {}, {}
