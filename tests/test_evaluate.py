@@ -210,7 +210,7 @@ def test_evaluate_cli(tmp_path, text_file):
         ["--ppl", str(tmp_path / "missing.txt")],
         ["--ppl", str(text_file), "--stride", "999"],
         [],
-        ["--tasks", str(f), "--lm-eval", "arc_easy"],
+        ["--tasks", str(f), "--lm-eval", "no_such_task"],
     ):
         rc = main(["evaluate", str(tmp_path / "m"), *args, "-o", str(bad), "--quiet"])
         assert rc == 2 and not bad.exists()

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "finetune",
     "compare-allocation": "compare_allocation",
     "run": "run",
+    "export": "export",
 }
 
 HELP: dict[str, str] = {
@@ -37,6 +38,7 @@ HELP: dict[str, str] = {
     "finetune": "fine-tune LoRA-MoE or PEFT LoRA adapters with per-layer capacity",
     "compare-allocation": "compare allocation rules by fine-tuning on the same budget",
     "run": "the main job: score, decide, prune, evaluate, report",
+    "export": "export ratios / allocations for llm-compressor, PEFT, or as a per-module table",
 }
 
 

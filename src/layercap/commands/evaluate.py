@@ -1,8 +1,10 @@
 """``layercap evaluate``: perplexity and zero-shot multiple-choice accuracy of one model.
 
 Writes a ``layercap.eval/v1`` JSON (``-o``) and prints a table. ``--lm-eval`` additionally runs
-lm-evaluation-harness on the in-memory model (needs ``pip install lm-eval``); its results go
-under ``"lm_eval"`` in the same file.
+lm-evaluation-harness on the in-memory model with the local task YAMLs shipped in
+``layercap/evaluate/lm_eval_tasks`` (no hub access; ``pip install -e .[interop]``), on the same
+``--limit``/``--seed`` subset as ``--tasks``; its results go under ``"lm_eval"`` in the same file
+(see :mod:`layercap.evaluate.lm_eval`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
     p.add_argument("--reference", metavar="EVAL_JSON", help="eval.json of a reference (dense) model: decides the tasks 'above chance'")
-    p.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated; needs `pip install lm-eval`)")
+    p.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness on local tasks (comma-separated: "
+                   "arc_easy, arc_challenge, boolq, openbookqa, commonsenseqa, or task YAML paths; data from "
+                   "$LAYERCAP_SHARED_DATA, default ../shared/data)")
     p.add_argument("-o", "--output", required=True, metavar="EVAL_JSON", help="output JSON (layercap.eval/v1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -69,17 +73,11 @@ def validate(args) -> None:
         try:
             import lm_eval  # noqa: F401
         except ImportError as exc:
-            raise LayercapError("--lm-eval needs lm-evaluation-harness: `pip install lm-eval`, or drop --lm-eval.") from exc
+            raise LayercapError("--lm-eval needs lm-evaluation-harness: `pip install -e .[interop]`, or drop --lm-eval.") from exc
+        from layercap.evaluate.lm_eval import parse_tasks, task_config
 
-
-def run_lm_eval(model, tokenizer, tasks: str, batch_size: int, limit: int | None, device: str) -> dict:
-    """lm-evaluation-harness ``simple_evaluate`` on the in-memory model; its ``results`` dict."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit)
-    return out.get("results", {})
+        for name in parse_tasks(args.lm_eval):
+            task_config(name)  # data files checked before the model loads
 
 
 def main(args) -> int:
@@ -117,8 +115,13 @@ def main(args) -> int:
     )
     doc = result.to_dict()
     if args.lm_eval:
-        doc["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval, args.batch_size, args.limit, args.device)
+        from layercap.evaluate.lm_eval import run_lm_eval
+
+        doc["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval, batch_size=args.batch_size, limit=args.limit,
+                                     seed=args.seed, device=args.device)
     atomic_write_json(args.output, doc)
     print(result.table())
+    for name, r in doc.get("lm_eval", {}).get("tasks", {}).items():
+        print(f"lm-eval {name}: acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  (n={r['n'] or 'all'})")
     print(f"wrote {args.output}")
     return 0

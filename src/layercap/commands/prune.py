@@ -45,6 +45,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
     p.add_argument("--blocks", metavar="REGEX", help="full module names of the decoder blocks (default: found structurally)")
     p.add_argument("--modules", metavar="REGEX", help="only prune Linears whose name inside the block matches")
+    p.add_argument("--save-format", choices=("dense", "compressed-tensors"), default="dense",
+                   help="dense safetensors (default) or compressed-tensors' sparse bitmask format (2:4 format for 2:4)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output checkpoint directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -90,6 +92,10 @@ def main(args) -> int:
     from layercap.models import find_blocks, load_model
 
     _validate(args)
+    if args.save_format == "compressed-tensors":
+        from layercap.export.compressed_tensors import check_structure
+
+        check_structure(args.structure)
     if args.sparsity is not None:
         check_ratio_values({"--sparsity": args.sparsity}, args.structure)
         ratios = None
@@ -122,6 +128,11 @@ def main(args) -> int:
     with atomic_directory(args.output) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if args.save_format == "compressed-tensors":
+            from layercap.export.compressed_tensors import compress_pruned
+
+            summary = compress_pruned(tmp, blocks, ratios, args.structure)
+            report.metadata["save_format"] = {k: v for k, v in summary.items() if k != "modules"}
         report.save(Path(tmp) / "pruning.json")
         write_output_marker(tmp, NAME)
     print(report.table())

@@ -153,11 +153,17 @@ def load_task(path: str | Path, limit: int | None = None, seed: int = 0) -> Task
         if not (0 <= it.label < len(it.choices)) or len(it.choices) < 2:
             raise LayercapError(f"{path}: item {i} has label {it.label} for {len(it.choices)} choices; fix the file.")
     if limit is not None and limit < len(items):
-        keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-        items = [items[i] for i in keep]
+        items = [items[i] for i in subset_indices(len(items), limit, seed)]
     chance = sum(1.0 / len(it.choices) for it in items) / len(items)
     digest = sha256_file(file) if file else sha256_bytes(b"".join((path / f).read_bytes() for f in MRPC_DEV_FILES))
     return Task(name, items, chance, str(path), digest, template)
+
+
+def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
+    """Indices (ascending) of the seeded ``limit``-item subset of ``n`` items that ``load_task`` keeps."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -199,8 +199,15 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32", device: str = "c
     if not source.gguf_file:
         _check_model_dir(source.directory)
     directory = _materialise_gguf(source) if source.gguf_file else source.directory
+    from layercap.models.sparse_format import load_sparse_checkpoint, sparsity_config
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+        if sparsity_config(directory):  # compressed-tensors sparse bitmask (`prune --save-format compressed-tensors`)
+            model = load_sparse_checkpoint(directory, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+    except LayercapError:
+        raise
     except Exception as exc:  # truncated weights, bad config values, unknown architectures: many types
         raise LayercapError(f"could not load {source.label} as a causal LM ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:200]}); check that the save is complete.") from None
