@@ -17,7 +17,7 @@ from pathlib import Path
 from layercap.data.bos import add_bos_argument
 from layercap.errors import LayercapError
 from layercap.io import read_json
-from layercap.models.checks import check_device, check_regex, check_seqlen
+from layercap.models.checks import check_device, check_regex
 
 NAME = "score"
 BUILTIN = ("gradnorm", "diag", "kfac", "ekfac", "exact")
@@ -115,25 +115,6 @@ def _validate(args):
     return method, granularity
 
 
-def _init_distributed(device: str) -> tuple[int, int, str]:
-    """Initialise torch.distributed under torchrun; returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    import torch
-    import torch.distributed as dist
-
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LayercapError(f"--device {device} requested but CUDA is not available; use --device cpu.")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def format_table(scores) -> str:
     q = scores.q
     width = max(len("layer"), *(len(n) for n in scores.names))
@@ -144,76 +125,21 @@ def format_table(scores) -> str:
 
 
 def main(args) -> int:
-    method, granularity = _validate(args)
-    rank, world, device = _init_distributed(args.device)
+    from layercap.experiments.score_job import init_distributed, run_score_job
+
+    _, granularity = _validate(args)
+    rank, world, device = init_distributed(args.device)
     try:
-        return _run(args, method, granularity, rank, world, device)
+        scores, written = run_score_job(args, granularity, rank, world, device)
+        if rank == 0:
+            print(format_table(scores))
+            meta = scores.metadata
+            print(f"method {args.method}, {meta.get('tokens', 0):,} tokens, {meta['wall_time_s']:.1f} s, "
+                  f"peak memory {meta['peak_memory_bytes'] / 2**20:.0f} MiB; wrote {', '.join(written)}")
+        return 0
     finally:
         if world > 1:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-
-def _run(args, method, granularity, rank: int, world: int, device: str) -> int:
-    from layercap.data.calibration import calibration_set
-    from layercap.models import load_model
-    from layercap.scores import ScoreOptions, score_model
-
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    calib = None
-    if method.needs_data:
-        check_seqlen(model, args.seqlen)
-        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                bos=args.bos, model=model)
-    ckpt_dir = args.checkpoint_dir or f"{args.output}.ckpt"
-    options = ScoreOptions(
-        batch_size=args.batch_size, damping=args.damping, damping_mode=args.damping_mode, fisher=args.fisher,
-        seed=args.seed, device=device, progress=not args.quiet,
-        checkpoint_dir=ckpt_dir if args.checkpoint_every > 0 else None,
-        checkpoint_every=max(args.checkpoint_every, 1), resume=args.resume,
-        cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter, max_factor_gb=args.max_factor_gb,
-    )
-    scores = score_model(model, args.method, calib, granularity=granularity, options=options,
-                         blocks_regex=args.blocks, modules_regex=args.modules,
-                         metadata={"world_size": world, "dtype": args.dtype})
-    if rank == 0:
-        from layercap.io import all_or_nothing
-
-        out = Path(args.output)
-        written = [str(out)]
-        with all_or_nothing(out, out.with_suffix(".csv")):
-            scores.save(out)
-            if args.csv and out.suffix.lower() != ".csv":
-                scores.save(out.with_suffix(".csv"))
-                written.append(str(out.with_suffix(".csv")))
-        print(format_table(scores))
-        meta = scores.metadata
-        print(f"method {args.method}, {meta.get('tokens', 0):,} tokens, {meta['wall_time_s']:.1f} s, "
-              f"peak memory {meta['peak_memory_bytes'] / 2**20:.0f} MiB; wrote {', '.join(written)}")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    if rank == 0 and options.checkpoint_dir:
-        remove_checkpoints(options.checkpoint_dir)
-    return 0
-
-
-def remove_checkpoints(folder: str) -> None:
-    """Delete the checkpoint files the engine wrote (``PHASE.rankRofW.pt`` and their temporaries),
-    then the folder if that leaves it empty; anything else in it is left alone."""
-    import re
-
-    path = Path(folder)
-    if not path.is_dir():
-        return
-    ours = re.compile(r"^\.?[\w-]+\.rank\d+of\d+\.pt(\..*\.tmp)?$")
-    for f in path.iterdir():
-        if f.is_file() and ours.match(f.name):
-            f.unlink(missing_ok=True)
-    try:
-        path.rmdir()
-    except OSError:
-        pass  # not empty: it holds files layercap did not write

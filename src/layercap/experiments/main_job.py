@@ -40,7 +40,6 @@ from layercap.experiments.common import (
     model_fingerprint,
     prunable_scores,
     read_json,
-    resolve_device,
 )
 from layercap.experiments.runner import Stage, StageRunner, hash_output
 from layercap.scores.api import versions as _versions

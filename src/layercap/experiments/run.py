@@ -15,7 +15,8 @@ from typing import Callable
 from layercap.errors import LayercapError
 from layercap.experiments.config import PipelineConfig
 from layercap.experiments.runner import RunSummary, StageRunner, run_stages
-from layercap.experiments.main_job import RunContext, plan, preflight, resolve_device
+from layercap.experiments.common import resolve_device
+from layercap.experiments.main_job import RunContext, plan, preflight
 
 
 def _stderr(msg: str) -> None:

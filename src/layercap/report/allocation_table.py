@@ -84,7 +84,7 @@ def markdown_table(c: AllocationComparison) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(c: Comparison, out: Path) -> None:
+def write_outputs(c: AllocationComparison, out: Path) -> None:
     c.save(out / "comparison.json")
     header = ["task", "rule", "n_seeds", "acc_mean", "acc_std", "acc_norm_mean", "acc_norm_std", "final_loss_mean", "final_loss_std"]
     atomic_write_csv(out / "comparison.csv", header, [[r.get(h, "") for h in header] for r in c.summary])
