@@ -348,55 +348,6 @@ def uniform_ratios(names: Sequence[str], params: Sequence[int], sparsity: float)
     return PruningRatios.uniform(names, params, sparsity)
 
 
-def load_costs(path: str, names: Sequence[str]) -> np.ndarray:
-    """Per-layer costs from a file: CSV with columns name,cost; JSON {name: cost}; or JSON list (K,)."""
-    import csv
-    import json
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise LayercapError(f"--cost {path!r}: no such file. Use count, params, or a CSV (name,cost) / JSON {{name: cost}} file.")
-    by_name: dict | None = None
-    if file.suffix.lower() == ".csv":
-        with open(file, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "name" not in reader.fieldnames or "cost" not in reader.fieldnames:
-                raise LayercapError(f"--cost {path}: CSV needs a header with columns 'name' and 'cost'.")
-            try:
-                by_name = {row["name"]: float(row["cost"]) for row in reader}
-            except (TypeError, ValueError) as exc:
-                raise LayercapError(f"--cost {path}: every cost must be a number ({exc}).") from exc
-    else:
-        try:
-            doc = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"--cost {path}: not valid JSON ({exc}); expected {{name: cost}} or a list of costs.") from exc
-        if isinstance(doc, dict) and isinstance(doc.get("layers"), list):  # a scores/allocation file with costs
-            try:
-                by_name = {item["name"]: item["cost"] for item in doc["layers"]}
-            except (KeyError, TypeError) as exc:
-                raise LayercapError(f"--cost {path}: layers[] entries need 'name' and 'cost'.") from exc
-        elif isinstance(doc, dict):
-            by_name = doc
-        elif isinstance(doc, list):
-            if len(doc) != len(names):
-                raise LayercapError(f"--cost {path}: list has {len(doc)} costs for {len(names)} layers.")
-            by_name = dict(zip(names, doc))
-        else:
-            raise LayercapError(f"--cost {path}: expected {{name: cost}} or a list of costs.")
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise LayercapError(f"--cost {path}: no cost for layer(s) {missing[:3]}{'...' if len(missing) > 3 else ''}; give one per layer of the scores file.")
-    vals = []
-    for n in names:
-        v = by_name[n]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-            raise LayercapError(f"--cost {path}: cost of {n!r} is {v!r}; costs must be finite numbers > 0.")
-        vals.append(float(v))
-    return np.array(vals)
-
-
 # ---- the rules ------------------------------------------------------------------------------
 def _allocate_mdl(*, scores, q, w, costs, lower, upper, budget, alpha, beta, integer, raw_lower, raw_upper):
     """The MDL allocation program (SPEC 2): exact integer solution, or the continuous water fill."""
