@@ -112,3 +112,42 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     (tmp_path / MANIFEST).write_text('{"schema": "other"}')
     with pytest.raises(LayercapError, match="not a layercap stage manifest"):
         StageRunner(tmp_path)
+
+
+def test_two_runners_fill_one_folder_without_losing_records(tmp_path):
+    """Two invocations filling one sweep folder in parallel: each save merges with the manifest
+    on disk, so neither overwrites the other's finished stages."""
+    calls: list[str] = []
+    first, second = StageRunner(tmp_path), StageRunner(tmp_path)  # both read the empty manifest
+    first.run("a", {"x": 1}, _writer(tmp_path, "a.txt", "one", calls))
+    second.run("b", {"x": 1}, _writer(tmp_path, "b.txt", "two", calls))
+    doc = json.loads((tmp_path / MANIFEST).read_text())
+    assert set(doc["stages"]) == {"a", "b"} and not doc.get("pending")
+    # a third invocation sees both as finished
+    third = StageRunner(tmp_path)
+    assert third.run("a", {"x": 1}, _writer(tmp_path, "a.txt", "one", calls)).skipped
+    assert third.run("b", {"x": 1}, _writer(tmp_path, "b.txt", "two", calls)).skipped
+    assert calls == ["a.txt", "b.txt"]
+
+
+def test_an_interrupted_stage_resumes_only_with_the_same_inputs(tmp_path):
+    seen = []
+
+    def interrupted():
+        seen.append(runner.resuming)
+        raise KeyboardInterrupt
+
+    def finishes():
+        seen.append(runner.resuming)
+        atomic_write_text(tmp_path / "c.txt", "x")
+        return ["c.txt"]
+
+    runner = StageRunner(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("c", {"x": 1}, interrupted)
+    runner = StageRunner(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("c", {"x": 2}, interrupted)  # other settings: start afresh
+    runner = StageRunner(tmp_path)
+    runner.run("c", {"x": 2}, finishes)  # same settings as the interrupted attempt: resume
+    assert seen == [False, False, True] and not json.loads((tmp_path / MANIFEST).read_text()).get("pending")

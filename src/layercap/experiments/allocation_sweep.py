@@ -252,7 +252,6 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
     # every allocation is checked against the model before any training starts
     summary = run_stages(runner, [s for s in stages if not s.name.startswith("finetune:")], sweep, log, keep_only_plan=False)
     summary_ft = run_stages(runner, [s for s in stages if s.name.startswith("finetune:")], sweep, log, keep_only_plan=False)
-    runner.reorder([s.name for s in stages])
     comparison = collect(sweep, time.perf_counter() - started, command)
     from layercap.report.allocation_table import write_outputs
 

@@ -202,6 +202,32 @@ class StageRunner:
             self.manifest.stages = stages
             self.manifest.save(self.manifest_path)
 
+    def _save_merged(self, name: str) -> None:
+        """Save this process's record of stage ``name`` into the manifest on disk, keeping the
+        records other processes wrote meanwhile: several invocations may fill one sweep folder in
+        parallel (each with some of the cells); an exclusive lock makes read-merge-write atomic."""
+        import fcntl
+
+        with open(self.run_dir / (MANIFEST + ".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                disk = Manifest.load(self.manifest_path)
+                for table in ("stages", "pending"):
+                    mine, theirs = getattr(self.manifest, table), getattr(disk, table)
+                    if name in mine:
+                        theirs[name] = mine[name]
+                    else:
+                        theirs.pop(name, None)
+                    # what others finished is ours to see too (their outputs feed our later stages)
+                    for other, value in theirs.items():
+                        if other != name:
+                            mine[other] = value
+                    for other in [k for k in mine if k not in theirs]:
+                        mine.pop(other)
+                disk.save(self.manifest_path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def output_hash(self, rel: str) -> str:
         """Hash of an output of a finished stage, as recorded (the upstream hash of later stages)."""
         for rec in self.manifest.stages.values():
@@ -229,7 +255,7 @@ class StageRunner:
         # matches, so it can never be mistaken for a fresh one) and keeps its place in the order.
         self.resuming = self.manifest.pending.get(name) == input_hash
         self.manifest.pending[name] = input_hash
-        self.manifest.save(self.manifest_path)
+        self._save_merged(name)
         _test_hook(name)
         try:
             with measure(self.device) as m:
@@ -248,7 +274,7 @@ class StageRunner:
         )
         self.manifest.stages[name] = rec
         self.manifest.pending.pop(name, None)
-        self.manifest.save(self.manifest_path)
+        self._save_merged(name)
         self.log(f"{name}: done in {rec.wall_time_s:.1f} s")
         return StageOutcome(name, False, rec)
 
