@@ -274,3 +274,20 @@ def test_report_renders_in_a_headless_browser(tiny_run, chromium, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 20_000
     if os.environ.get("LAYERCAP_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["LAYERCAP_KEEP_SCREENSHOT"])
+
+
+def test_pruned_checkpoints_in_compressed_tensors_format(data_root, tmp_path):
+    """pruning.save_format=compressed-tensors: the run's pruned checkpoint is the sparse format,
+    smaller than the dense save, and evaluates to the same perplexity as the dense-format run."""
+    pytest.importorskip("compressed_tensors")
+    few = ["scoring.methods=[diag]", "allocation.rules=[uniform]", "allocation.scores=diag", "pruning.scores=diag",
+           "pruning.rules=[uniform]", "pruning.apply=[uniform]", "evaluation.tasks=[]", "report.html=false"]
+    dense_dir, sparse_dir = tmp_path / "dense", tmp_path / "sparse"
+    run_pipeline(_config(data_root, *few), dense_dir)
+    run_pipeline(_config(data_root, *few, "pruning.save_format=compressed-tensors"), sparse_dir)
+    config = json.loads((sparse_dir / "pruned/uniform/config.json").read_text())
+    assert "sparsity_config" in json.dumps(config)
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("*.safetensors"))  # noqa: E731
+    assert size(sparse_dir / "pruned/uniform") < size(dense_dir / "pruned/uniform")
+    ppl = lambda d: json.loads((d / "eval/uniform.json").read_text())["perplexity"]  # noqa: E731
+    assert ppl(sparse_dir) == ppl(dense_dir)

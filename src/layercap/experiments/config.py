@@ -141,6 +141,8 @@ class PruningConfig:
     structure: str = _f("`unstructured` or N:M, e.g. `2:4`", kind="structure", default="unstructured")
     save_checkpoints: bool = _f("save each pruned model under `pruned/<rule>/` (false: re-prune in memory "
                                 "when evaluating, to save disk)", kind="bool", default=True)
+    save_format: str = _f("format of the saved pruned checkpoints: `dense` safetensors, or `compressed-tensors` "
+                          "(sparse bitmask; the 2:4 format for 2:4)", choices=("dense", "compressed-tensors"), default="dense")
 
 
 @dataclass

@@ -288,7 +288,7 @@ def _with_prunable_params(ctx: RunContext, scores):
 # ---- pruning ------------------------------------------------------------------------------------------
 def prune_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
     p = ctx.config.pruning
-    return {"rule": rule, "method": p.method, "structure": p.structure, "save": p.save_checkpoints,
+    return {"rule": rule, "method": p.method, "structure": p.structure, "save": p.save_checkpoints, "format": p.save_format,
             "dtype": ctx.config.model.dtype, "upstream": {**_model_and_data(ctx), **ctx.upstream(f"ratios/{rule}.json")}}
 
 
@@ -330,6 +330,10 @@ def stage_prune(ctx: RunContext, rule: str) -> list[str]:
         with atomic_directory(ctx.path(f"pruned/{rule}")) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            if ctx.config.pruning.save_format == "compressed-tensors":
+                from layercap.export.compressed_tensors import compress_pruned
+
+                compress_pruned(tmp, find_run_blocks(ctx, model), ratios.ratios(), ctx.config.pruning.structure)
         outputs.append(f"pruned/{rule}")
     atomic_write_json(ctx.path(f"pruned/{rule}.json"), {
         "schema": PRUNED_SCHEMA, "rule": rule, "method": ctx.config.pruning.method, "structure": ctx.config.pruning.structure,
