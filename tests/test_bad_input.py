@@ -59,6 +59,17 @@ def _write_inputs(d):
     (d / "broken" / "config.json").write_text('{"model_type": "lla')
     (d / "noweights").mkdir()
     (d / "noweights" / "config.json").write_text('{"model_type": "llama"}')
+    (d / "schema.yaml").write_text("schema: layercap.run/v9\nmodel:\n  spec: tiny-llama\n")
+    (d / "syntax.yaml").write_text("model:\n  spec: [tiny-llama\n")
+    (d / "latin1.yaml").write_bytes("model:\n  spec: caf\u00e9\n".encode("latin-1"))
+    (d / "huge_alloc.json").write_text(json.dumps({
+        "schema": "layercap.allocation/v1", "rule": "manual", "budget": 400000.0, "unit": "experts", "integer": True,
+        "layers": [{"name": n, "n": 100000, "cost": 1.0} for n in LAYERS], "mu": None, "binds": True,
+        "spent": 400000.0, "metadata": {}}))
+    (d / "ok_alloc.json").write_text(json.dumps({
+        "schema": "layercap.allocation/v1", "rule": "manual", "budget": 4.0, "unit": "experts", "integer": True,
+        "layers": [{"name": n, "n": 1, "cost": 1.0} for n in LAYERS], "mu": None, "binds": True,
+        "spent": 4.0, "metadata": {}}))
 
 
 def _snapshot(*folders) -> dict:
@@ -151,6 +162,43 @@ CASES = [
     ("score-cg-tol-inf", ["score", TINY, "--method", "exact", "--data", f"{I}/text.txt", "--cg-tol", "inf", "-o", f"{O}/s.json"], r"--cg-tol must be a finite"),
     ("prune-nsamples-huge", ["prune", TINY, "--sparsity", "0.5", "--method", "wanda", "--data", f"{I}/text.txt", "--seqlen", "8", "--nsamples", "100000000000", "-o", f"{O}/p"], r"tokens, more than"),
     ("evaluate-device-tpu", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "--device", "tpu", "-o", f"{O}/e.json"], r"not a device"),
+    # ---- run (the main job)
+    ("run-binary-config", ["run", f"{I}/bin.txt", "-o", f"{O}/r"], r"bin\.txt.*binary content"),
+    ("run-latin1-config", ["run", f"{I}/latin1.yaml", "-o", f"{O}/r"], r"latin1\.yaml.*not UTF-8"),
+    ("run-unknown-schema", ["run", f"{I}/schema.yaml", "-o", f"{O}/r"], r"schema 'layercap\.run/v9' is not one this version reads"),
+    ("run-yaml-syntax", ["run", f"{I}/syntax.yaml", "-o", f"{O}/r"], r"not valid YAML at line \d"),
+    ("run-output-is-file", ["run", "--set", "model.spec=tiny-llama", "-o", f"{O}/keep.txt"], r"exists and is not a directory"),
+    ("run-foreign-folder", ["run", "--set", "model.spec=tiny-llama", "-o", O], r"holds files that layercap did not write"),
+    # ---- compare-pruning
+    ("cmp-pruning-foreign-folder", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--nsamples", "2",
+                                    "--seqlen", "16", "--rules", "uniform", "--methods", "magnitude", "-o", O], r"did not write"),
+    ("cmp-pruning-output-is-file", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--rules", "uniform",
+                                    "-o", f"{O}/keep.txt"], r"is not a directory"),
+    ("cmp-pruning-unknown-source", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--rules", "mdl:nope",
+                                    "-o", f"{O}/c"], r"score method 'nope' is not available"),
+    ("cmp-pruning-binary-data", ["compare-pruning", TINY, "--data", f"{I}/bin.txt", "--ppl", f"{I}/text.txt", "--rules", "uniform",
+                                 "--nsamples", "2", "--seqlen", "16", "-o", f"{O}/c"], r"binary content"),
+    ("cmp-pruning-sparsity-1", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--sparsity", "1.0",
+                                "-o", f"{O}/c"], r"--sparsity: 1\.0 must lie in \(0, 1\)"),
+    # ---- compare-allocation and finetune
+    ("cmp-alloc-not-empty", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "--train", f"{I}/task.jsonl",
+                             "-o", O], r"not empty; pass --resume"),
+    ("cmp-alloc-foreign-with-resume", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "--train", f"{I}/task.jsonl",
+                                       "--resume", "-o", O], r"no layercap sweep wrote"),
+    ("cmp-alloc-budget-0", ["compare-allocation", TINY, "--budget", "0", "--rules", "uniform", "--train", f"{I}/task.jsonl",
+                            "-o", f"{O}/c"], r"--budget must be > 0"),
+    ("cmp-alloc-rank-0", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "--train", f"{I}/task.jsonl",
+                          "--rank", "0", "-o", f"{O}/c"], r"--rank must be >= 1"),
+    ("cmp-alloc-rule-twice", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "uniform", "--train",
+                              f"{I}/task.jsonl", "-o", f"{O}/c"], r"--rules lists a rule twice"),
+    ("finetune-huge-allocation", ["finetune", TINY, "--allocation", f"{I}/huge_alloc.json", "--train", f"{I}/task.jsonl",
+                                  "-o", f"{O}/f"], r"400,000 units .* more than 4 x the model"),
+    ("finetune-foreign-folder", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl", "-o", O],
+     r"holds files that layercap did not write"),
+    ("finetune-lr-0", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl", "--lr", "0",
+                       "-o", f"{O}/f"], r"--lr must be > 0"),
+    ("finetune-binary-allocation", ["finetune", TINY, "--allocation", f"{I}/bin.json", "--train", f"{I}/task.jsonl", "-o", f"{O}/f"],
+     r"binary content"),
 ]
 
 

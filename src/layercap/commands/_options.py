@@ -48,11 +48,15 @@ def field_values(args: argparse.Namespace, cls, **overrides) -> dict[str, Any]:
     return values
 
 
-def build_options(cls, values: dict[str, Any]):
-    """``cls(**values)``, with field names in a validation error replaced by their flags."""
+def build_options(cls, values: dict[str, Any], flags: dict[str, str] | None = None):
+    """``cls(**values)``, with the field names in a validation error replaced by their flags
+    (``--`` + the name with dashes, or ``flags[name]`` where the command spells it otherwise). Only
+    the first: a message starts with the field it is about."""
     try:
         return cls(**values)
     except LayercapError as exc:
+        flags = flags or {}
         names = sorted((f.name for f in fields(cls)), key=len, reverse=True)
-        text = re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b", lambda m: flag(m.group(1)), str(exc), count=1)
+        text = re.sub(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")\b",
+                      lambda m: flags.get(m.group(1), flag(m.group(1))), str(exc), count=1)
         raise LayercapError(text) from exc

@@ -53,7 +53,7 @@ def main(args) -> int:
     options = build_options(AllocationSweepOptions, dict(
         model=args.model, budget=args.budget, rules=args.rules, train=args.train, eval=args.eval, seeds=args.seeds,
         beta=args.beta, lower=args.lower, calib_nsamples=args.calib_nsamples, calib_seqlen=args.calib_seqlen,
-        calib_batch_size=args.calib_batch_size, dtype=args.dtype, finetune=options_from_args(args, args.seeds[0])))
+        calib_batch_size=args.calib_batch_size, dtype=args.dtype, finetune=options_from_args(args, args.seeds[0])), flags={"model": "MODEL"})
     command = "layercap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     comparison, summary = run_allocation_sweep(options, args.output, resume=args.resume, command=command)
     print(markdown_table(comparison))

@@ -73,7 +73,7 @@ def main(args) -> int:
         nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
         eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size, min_ratio=args.min_ratio,
         max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device, bos=args.bos,
-        progress=not args.quiet))
+        progress=not args.quiet), flags={"sparsities": "--sparsity", "model": "MODEL"})
     result, summary = run_pruning_sweep(options, args.output, log=lambda msg: print(msg, file=sys.stderr))
     print(result.markdown())
     print(f"ran {len(summary.ran)} stage(s), {len(summary.skipped)} unchanged; "

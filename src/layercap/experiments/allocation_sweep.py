@@ -39,7 +39,7 @@ from layercap.experiments.common import (
     model_fingerprint,
     placeholder_scores,
 )
-from layercap.experiments.runner import MANIFEST, Stage, StageRunner, run_stages
+from layercap.experiments.runner import MANIFEST, Stage, StageRunner, removed_on_failure, run_stages
 from layercap.programs.rules import RuleSpec, parse_rule
 
 
@@ -245,13 +245,14 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
         raise LayercapError(f"two train files have the same task name {names}; use one file per task.")
     evals = list(options.eval) or [None] * len(options.train)
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    runner = StageRunner(out, log=log)
-    sweep = _Sweep(options, out, runner, list(zip(names, options.train, evals)))
-    stages = plan(sweep)
-    # every allocation is checked against the model before any training starts
-    summary = run_stages(runner, [s for s in stages if not s.name.startswith("finetune:")], sweep, log, keep_only_plan=False)
-    summary_ft = run_stages(runner, [s for s in stages if s.name.startswith("finetune:")], sweep, log, keep_only_plan=False)
+    with removed_on_failure(out):
+        out.mkdir(parents=True, exist_ok=True)
+        runner = StageRunner(out, log=log)
+        sweep = _Sweep(options, out, runner, list(zip(names, options.train, evals)))
+        stages = plan(sweep)
+        # every allocation is checked against the model before any training starts
+        summary = run_stages(runner, [s for s in stages if not s.name.startswith("finetune:")], sweep, log, keep_only_plan=False)
+        summary_ft = run_stages(runner, [s for s in stages if s.name.startswith("finetune:")], sweep, log, keep_only_plan=False)
     comparison = collect(sweep, time.perf_counter() - started, command)
     from layercap.report.allocation_table import write_outputs
 

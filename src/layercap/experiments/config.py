@@ -25,9 +25,10 @@ from typing import Any
 import yaml
 
 from layercap.errors import LayercapError
+from layercap.io import read_yaml
 from layercap.programs import rules as _rules
 
-SCHEMA = "layercap.experiments-config/v1"
+SCHEMA = "layercap.pipeline-config/v1"
 
 class RegisteredScoreMethods:
     """The score registry's method names, looked up when a config is validated (importing the
@@ -365,7 +366,7 @@ def _read_yaml(text: str, source: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise LayercapError(f"{source}: not valid YAML ({exc}).") from exc
+        raise LayercapError(f"{source}: not valid YAML ({' '.join(str(exc).split())}).") from exc
 
 
 def apply_override(doc: dict, item: str) -> None:
@@ -399,12 +400,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise LayercapError(f"config file {str(path)!r} does not exist; pass a YAML file (see examples/) or none "
                                 "for the embedded default.")
-        user = _read_yaml(path.read_text(encoding="utf-8"), str(path))
+        user = read_yaml(path, "pipeline config", "pass a YAML file (see examples/)")
         if user is None:
             user = {}
         if not isinstance(user, dict):
             raise LayercapError(f"{path}: a pipeline config is a mapping of sections ({', '.join(SECTIONS)}).")
-        user.pop("schema", None)
+        schema = user.pop("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise LayercapError(f"{path}: schema {schema!r} is not one this version reads ({SCHEMA!r}); write "
+                                f"`schema: {SCHEMA}` or drop the key.")
         unknown = sorted(set(user) - set(SECTIONS))
         if unknown:
             raise LayercapError(f"{path}: unknown section {unknown[0]!r}; allowed sections: {', '.join(SECTIONS)}.")

@@ -35,6 +35,7 @@ from torch import nn
 
 from layercap.apply.finetune import FinetuneOptions, check_counts_for, last_complete_checkpoint, save_adapter, train_adapter
 from layercap.errors import LayercapError
+from layercap.experiments.runner import check_run_dir
 from layercap.io import atomic_write_json, read_json
 from layercap.models.source import model_source
 
@@ -183,7 +184,7 @@ def finetune(
     from layercap.data.tasks import load_task
 
     options.validate()
-    outdir = Path(outdir)
+    outdir = check_run_dir(outdir, markers=(RUN_FILE, RESULT_FILE, CHECKPOINTS))
     counts = check_counts_for(model, counts, options)
     train_task = load_task(train_path, limit=options.limit_train, seed=options.seed)
     pairs = train_task.training_examples()
@@ -197,9 +198,17 @@ def finetune(
         return FinetuneResult.load(outdir / RESULT_FILE)
 
     started = time.perf_counter()
-    atomic_write_json(outdir / RUN_FILE, run_config)
-    trained = train_adapter(model, tokenizer, counts, pairs, outdir / CHECKPOINTS, options, resume_from, callbacks)
-    results = evaluate_adapter(trained.model, tokenizer, tasks, options)
+    created = not outdir.exists()
+    try:
+        atomic_write_json(outdir / RUN_FILE, run_config)
+        trained = train_adapter(model, tokenizer, counts, pairs, outdir / CHECKPOINTS, options, resume_from, callbacks)
+        results = evaluate_adapter(trained.model, tokenizer, tasks, options)
+    except Exception:
+        # a failed first attempt leaves nothing that would block the corrected rerun (an
+        # interruption keeps its checkpoints for --resume)
+        if created:
+            shutil.rmtree(outdir, ignore_errors=True)
+        raise
     head = results.get("instruction") or results.get("zero-shot")
     result = FinetuneResult(
         model_source=model_source(model), adapter=options.adapter, allocation=allocation or {"counts": counts},

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from layercap.errors import LayercapError
 from layercap.experiments.common import check_device, file_hash, known_score_methods, model_fingerprint, prunable_scores
-from layercap.experiments.runner import Stage, StageRunner, run_stages
+from layercap.experiments.runner import Stage, StageRunner, check_run_dir, removed_on_failure, run_stages
 from layercap.io import atomic_write_json, sha256_json
 from layercap.programs.rules import RuleSpec, parse_rule
 
@@ -243,9 +243,7 @@ def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
 
     o = options
     task_hashes = [load_task(t, limit=o.limit, seed=o.seed).sha256 for t in o.tasks]  # parse errors before any work
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise LayercapError(f"output {out} is a file; pass a directory.")
+    out = check_run_dir(outdir, markers=("stages.json", RUN_FILE))
     model, tokenizer = load_model(o.model, dtype=o.dtype, device=o.device)
     calib = calibration_set(tokenizer, o.data, nsamples=o.nsamples, seqlen=o.seqlen, seed=o.seed, bos=o.bos, model=model)
     settings = {
@@ -256,11 +254,12 @@ def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
         "tasks": [str(t) for t in o.tasks], "task_sha256": task_hashes, "limit": o.limit, "eval_seqlen": o.eval_seqlen,
         "max_tokens": o.max_tokens, "min_ratio": o.min_ratio, "max_ratio": o.max_ratio,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    runner = StageRunner(out, device=o.device, log=lambda m: None)
-    sweep = _Sweep(o, out, runner, model, tokenizer, calib, settings, log)
-    stages = plan(sweep)
-    summary = run_stages(runner, stages, sweep, lambda m: None, keep_only_plan=False)
+    with removed_on_failure(out):
+        out.mkdir(parents=True, exist_ok=True)
+        runner = StageRunner(out, device=o.device, log=lambda m: None)
+        sweep = _Sweep(o, out, runner, model, tokenizer, calib, settings, log)
+        stages = plan(sweep)
+        summary = run_stages(runner, stages, sweep, lambda m: None, keep_only_plan=False)
     atomic_write_json(out / RUN_FILE, {"settings": settings, "settings_sha256": sha256_json(settings)})
     cells = [CellResult.from_dict(json.loads((out / f"cells/{s.name[len('cell:'):]}.json").read_text()))
              for s in stages if s.name.startswith("cell:")]

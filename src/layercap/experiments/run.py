@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from layercap.errors import LayercapError
 from layercap.experiments.config import PipelineConfig
-from layercap.experiments.runner import RunSummary, StageRunner, run_stages
+from layercap.experiments.runner import RunSummary, StageRunner, check_run_dir, removed_on_failure, run_stages
 from layercap.experiments.common import resolve_device
 from layercap.experiments.main_job import RunContext, plan, preflight
 
@@ -27,14 +26,13 @@ def _stderr(msg: str) -> None:
 
 def run_pipeline(config: PipelineConfig, run_dir: str | Path, log: Callable[[str], None] = _stderr) -> RunSummary:
     """Run (or resume) the pipeline of ``config`` in ``run_dir``; see the module docstring."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LayercapError(f"-o {run_dir}: exists and is not a directory; pass a directory for the run's artefacts.")
+    run_dir = check_run_dir(run_dir)
     preflight(config)
     stages = plan(config)
     device = resolve_device(config.model.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
-    runner = StageRunner(run_dir, device=device, log=log)
-    ctx = RunContext(config=config, run_dir=run_dir, runner=runner, device=device, log=log)
-    return run_stages(runner, stages, ctx, log)
+    with removed_on_failure(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        runner = StageRunner(run_dir, device=device, log=log)
+        ctx = RunContext(config=config, run_dir=run_dir, runner=runner, device=device, log=log)
+        return run_stages(runner, stages, ctx, log)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -358,3 +359,32 @@ def run_stages(runner: StageRunner, stages: list[Stage], ctx: Any, log: Callable
             runner.reorder(names)
     summary.wall_time_s = time.perf_counter() - start
     return summary
+
+
+# ---- output folders ----------------------------------------------------------------------------
+def check_run_dir(run_dir: str | Path, markers: tuple[str, ...] = (MANIFEST,), flag: str = "-o") -> Path:
+    """``run_dir`` if layercap may write there: new, empty, or holding one of ``markers`` (files a
+    layercap job wrote). A folder of someone else's files is refused: a job writes fixed names
+    (config.yaml, report.md, ...) and must never overwrite what it did not write."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LayercapError(f"{flag} {run_dir}: exists and is not a directory; pass a directory for the run's artefacts.")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in markers):
+        raise LayercapError(f"{flag} {run_dir} holds files that layercap did not write (no {markers[0]}); "
+                            "choose a new or empty folder.")
+    return run_dir
+
+
+@contextmanager
+def removed_on_failure(run_dir: str | Path) -> Iterator[None]:
+    """Remove ``run_dir`` again when the job that created it fails before any stage finished, so a
+    failed first attempt leaves nothing behind to block the corrected rerun. An interruption
+    (Ctrl-C) keeps it: the rerun resumes there."""
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        yield
+    except Exception:
+        if created and run_dir.is_dir() and not Manifest.load(run_dir / MANIFEST).stages:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise

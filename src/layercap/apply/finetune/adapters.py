@@ -89,12 +89,37 @@ def attach_adapter(model: nn.Module, counts: dict[str, int], options):
     return get_adapter(options.adapter).attach(model, counts, options)
 
 
+# an adapter larger than this many times the base model is an edited or mistaken allocation
+MAX_ADAPTER_TO_MODEL = 4.0
+
+
+def adapter_params(per_block: dict[str, dict[str, nn.Module]], counts: dict[str, int], rank: int) -> int:
+    """Trainable LoRA parameters of an allocation: n_k x rank x (in + out) per adapted Linear of
+    block k (LoRA-MoE experts and PEFT rank units alike; routers are a rounding error)."""
+    from layercap.models import linear_weight
+
+    total = 0
+    for block, modules in per_block.items():
+        for module in modules.values():
+            out_f, in_f = linear_weight(module).shape
+            total += int(counts.get(block, 0)) * rank * (int(in_f) + int(out_f))
+    return total
+
+
 def check_counts_for(model: nn.Module, counts: dict[str, int], options) -> dict[str, int]:
-    """Validate the allocation and targets against ``model`` without modifying it."""
+    """Validate the allocation and targets against ``model`` without modifying it (also refuses an
+    adapter more than ``MAX_ADAPTER_TO_MODEL`` times the size of the model, before building it)."""
     from layercap.apply.lora_moe import check_counts, resolve_targets
 
     per_block = resolve_targets(model, _targets(model, options))
-    return check_counts(list(per_block), counts, minimum=get_adapter(options.adapter).minimum)
+    counts = check_counts(list(per_block), counts, minimum=get_adapter(options.adapter).minimum)
+    size, base = adapter_params(per_block, counts, options.rank), sum(p.numel() for p in model.parameters())
+    if size > MAX_ADAPTER_TO_MODEL * base:
+        raise LayercapError(
+            f"the allocation asks for {sum(counts.values()):,} units ({size:,} adapter parameters at rank {options.rank}), "
+            f"more than {MAX_ADAPTER_TO_MODEL:g} x the model's {base:,}; check the allocation file (units per block "
+            f"now up to {max(counts.values(), default=0):,}).")
+    return counts
 
 
 def save_adapter(train_model: nn.Module, moe_config, directory: Path, adapter: str) -> Path:

@@ -113,7 +113,11 @@ def make_trainer_class():
 
 
 def last_complete_checkpoint(directory: Path) -> Path | None:
-    """Newest ``checkpoint-N`` whose trainer_state.json (written last by Trainer) parses."""
+    """Newest ``checkpoint-N`` that is complete: its trainer_state.json (written last by Trainer)
+    parses and every safetensors file in it opens (a truncated write is skipped, and the run
+    resumes from the checkpoint before it)."""
+    from safetensors import safe_open
+
     if not directory.is_dir():
         return None
     found = []
@@ -121,7 +125,11 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
         try:
             step = int(p.name.split("-")[1])
             json.loads((p / "trainer_state.json").read_text())
-        except (ValueError, IndexError, OSError):
+            for weights in p.glob("*.safetensors"):
+                with safe_open(str(weights), framework="pt") as fh:
+                    for key in fh.keys():
+                        fh.get_slice(key)
+        except Exception:  # unparsable, truncated or unreadable: not a checkpoint to resume from
             continue
         found.append((step, p))
     return max(found)[1] if found else None
