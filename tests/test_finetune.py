@@ -229,3 +229,29 @@ def test_shared_prefix_scoring_equals_choice_by_choice(arc, shared_data):
     for it, ll in zip(inst.items, got):
         ref = loglikelihoods(model, tok, it.requests(), batch_size=1, progress=False)
         assert ll == pytest.approx(ref, rel=1e-4, abs=1e-4)
+
+
+def test_a_failed_first_attempt_leaves_nothing(arc, tmp_path):
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("disk full")
+
+    model, tok = build_tiny("llama")
+    with pytest.raises(RuntimeError, match="disk full"):
+        finetune(model, tok, _counts(model), arc / "train.json", tmp_path / "out", _opts(), callbacks=[Boom()])
+    assert not (tmp_path / "out").exists()  # the corrected rerun is not blocked by leftovers
+
+
+def test_resume_skips_a_truncated_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from layercap.apply.finetune import last_complete_checkpoint
+
+    for step in (2, 4):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        save_file({"w": torch.randn(64, 64)}, str(d / "adapter.safetensors"))
+        (d / "trainer_state.json").write_text("{}")
+    newest = tmp_path / "checkpoint-4" / "adapter.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # killed mid-write
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
