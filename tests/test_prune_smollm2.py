@@ -1,6 +1,6 @@
 """Real-model check (slow): SmolLM2-135M at 50% unstructured, WikiText-2 perplexity.
 
-Calibration: 8 x 128 WikiText-2 test windows (seed 0); perplexity: first 2048 tokens of the
+Calibration: 4 x 128 WikiText-2 test windows (seed 0); perplexity: first 2048 tokens of the
 same file, 512-token windows. Measured figures are in README section "pruning".
 """
 
@@ -23,7 +23,7 @@ def test_smollm2_half_sparsity_perplexity(smollm2, wikitext):
     def ppl(m) -> float:
         return perplexity(m, tok, wikitext, seqlen=512, max_tokens=2048, progress=False).ppl
 
-    calib = calibration_set(tok, wikitext, nsamples=8, seqlen=128, seed=0)
+    calib = calibration_set(tok, wikitext, nsamples=4, seqlen=128, seed=0)
     dense = ppl(model)
     results = {}
     for method in ("wanda", "sparsegpt", "magnitude"):
