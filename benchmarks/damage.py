@@ -64,7 +64,9 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--table", default=str(ROOT / "results" / "damage" / "smollm2-wanda.json"))
     ap.add_argument("--reuse-table", action="store_true", help="skip (a) when --table exists")
-    ap.add_argument("--obd", nargs="*", default=[])
+    ap.add_argument("--obd", nargs="*", default=[], help="OBD estimates (diag, kfac) added to the table, with agreement")
+    ap.add_argument("--rules", nargs="+", default=["uniform", "mdl:damage"], help="uniform, mdl:damage, mdl:obd, owl")
+    ap.add_argument("--skip-eval", action="store_true", help="only (a)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -97,10 +99,32 @@ def main() -> int:
         table.metadata["command"] = " ".join(sys.argv)
         table.save(table_path)
         table_path.with_name(table_path.name + ".partial").unlink(missing_ok=True)
+    if args.obd and not table.obd:
+        # OBD on the same calibration windows as the measured table, then Spearman agreement
+        from layercap.programs.damage import spearman
+
+        dcal = windows_from(half, table.calibration["nsamples"], table.calibration["seqlen"], seed=0)
+        assert dcal.sha256 == table.calibration["sha256"]
+        curv = curvature_stats(model, dcal, args.obd)
+        est = damage_curves(model, dcal, table.levels, table.method, blocks=blocks, curvature=curv, measure=False,
+                            model_id=table.model)
+        table.obd = est.obd
+        table.agreement = {k: [spearman([r[j] for r in est.obd[k]], [r[j] for r in table.kl]) for j in range(len(table.levels))]
+                           for k in est.obd}
+        table.cost["curvature_s"] = curv.wall_s
+        table.cost["obd_s"] = est.cost["wall_s"]
+        table.save(table_path)
     out["damage_cost"] = table.cost
     out["agreement"] = table.agreement
     print("damage cost:", json.dumps(table.cost), flush=True)
 
+    if args.skip_eval:
+        if args.json:
+            from layercap.io import atomic_write_json
+
+            atomic_write_json(args.json, out)
+        print("agreement:", json.dumps(table.agreement))
+        return 0
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     pcal = windows_from(half, args.calib_nsamples, args.calib_seqlen, seed=1)
     t = time.perf_counter()
@@ -112,8 +136,24 @@ def main() -> int:
 
     runs = []
     for s in args.sparsity:
-        rules = {"uniform": PruningRatios.uniform(names, params, s), "mdl:damage": ratios_from_damage(table, s)}
-        for rule, ratios in rules.items():
+        for rule in args.rules:
+            if rule == "uniform":
+                ratios = PruningRatios.uniform(names, params, s)
+            elif rule == "mdl:damage":
+                ratios = ratios_from_damage(table, s)
+            elif rule == "mdl:obd":
+                ratios = ratios_from_damage(table, s, source="obd-diag")
+            elif rule == "owl":
+                from layercap.programs.rules import ratios_by_rule
+                from layercap.scores import score_model
+
+                model.load_state_dict(dense)
+                t = time.perf_counter()
+                owl_scores = score_model(model, "owl", pcal)
+                ratios = ratios_by_rule("owl", owl_scores, s, max_ratio=0.95)
+                out.setdefault("owl_score_s", time.perf_counter() - t)
+            else:
+                raise SystemExit(f"unknown rule {rule}")
             model.load_state_dict(dense)
             t = time.perf_counter()
             prune_model(model, ratios.ratios(), "wanda", pcal, progress=False, blocks=blocks)

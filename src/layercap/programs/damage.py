@@ -225,6 +225,14 @@ class DamageTable:
         return cls.from_dict(doc, str(path))
 
 
+def load_for(path: str | Path, names: Sequence[str], params: Sequence[int] | None = None,
+             model: str | None = None) -> DamageTable:
+    """Load a damage table and check it was measured on these blocks (LayercapError otherwise)."""
+    table = DamageTable.load(path)
+    table.check_compatible(names, params, model)
+    return table
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman rank correlation (average ranks for ties); None when either side is constant."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
