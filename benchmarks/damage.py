@@ -67,6 +67,8 @@ def main() -> int:
     ap.add_argument("--obd", nargs="*", default=[], help="OBD estimates (diag, kfac) added to the table, with agreement")
     ap.add_argument("--rules", nargs="+", default=["uniform", "mdl:damage"], help="uniform, mdl:damage, mdl:obd, owl")
     ap.add_argument("--skip-eval", action="store_true", help="only (a)")
+    ap.add_argument("--generations", type=int, default=12, help="evopress / refine generations")
+    ap.add_argument("--search-sparsity", type=float, nargs="*", default=[0.7], help="sparsities at which evopress/refine run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -152,6 +154,25 @@ def main() -> int:
                 owl_scores = score_model(model, "owl", pcal)
                 ratios = ratios_by_rule("owl", owl_scores, s, max_ratio=0.95)
                 out.setdefault("owl_score_s", time.perf_counter() - t)
+            elif rule in ("atp", "evopress", "mdl:damage+refine"):
+                from layercap.apply.prune.search import KLFitness, atp_search, evolve_ratios
+
+                if rule != "atp" and s not in args.search_sparsity:
+                    continue
+                # searches score on the damage table's calibration windows (never the evaluation text)
+                scal = windows_from(half, table.calibration["nsamples"], table.calibration["seqlen"], seed=0)
+                model.load_state_dict(dense)
+                t = time.perf_counter()
+                if rule == "atp":
+                    with KLFitness(model, scal, "wanda", blocks=blocks) as fit:
+                        ratios = atp_search(fit, names, params, s)
+                else:
+                    start = PruningRatios.uniform(names, params, s) if rule == "evopress" else ratios_from_damage(table, s)
+                    ratios = evolve_ratios(model, scal, start, method="wanda", step=0.02, screen=2, progress=False,
+                                           generations=args.generations, offspring=8, confirm=2, seed=0)
+                search_s = time.perf_counter() - t
+                print(f"{rule} search {search_s:.0f} s", json.dumps({k: v for k, v in ratios.metadata.items()
+                                                                     if k in ("fitness", "start_fitness", "step", "curve", "evaluations")}), flush=True)
             else:
                 raise SystemExit(f"unknown rule {rule}")
             model.load_state_dict(dense)
@@ -159,6 +180,8 @@ def main() -> int:
             prune_model(model, ratios.ratios(), "wanda", pcal, progress=False, blocks=blocks)
             prune_s = time.perf_counter() - t
             row = {"rule": rule, "sparsity": s, "achieved": ratios.achieved, "prune_s": prune_s,
+                   "search_s": search_s if rule in ("atp", "evopress", "mdl:damage+refine") else None,
+                   "search": {k: v for k, v in ratios.metadata.items() if k in ("fitness", "start_fitness", "step", "curve", "evaluations", "search")},
                    "ratios": [round(r, 4) for r in ratios.rho.tolist()],
                    "ppl": {name: ppl(model, toks) for name, toks in eval_texts.items()}}
             runs.append(row)
