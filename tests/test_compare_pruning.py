@@ -177,3 +177,26 @@ def test_report_only_collects_finished_cells(setup, tmp_path):
     assert (out / "comparison.md").read_text().count("| uniform | magnitude |") == 2
     assert main(["compare-pruning", str(tmp / "m"), "-o", str(tmp / "none"), "--report-only"]) == 2
     assert main(["compare-pruning", str(tmp / "m"), "-o", str(tmp / "none2"), "--ppl", str(kw["ppl"][0])]) == 2  # no --data
+
+
+def test_measured_rules_on_the_same_budget(setup):
+    """mdl:damage, mdl:obd, atp, evopress and mdl-paper run through the sweep: each meets the
+    target exactly, records its decision cost, and the damage tables are stages of their own."""
+    tmp, kw = setup
+    rules = ["uniform", "mdl:damage", "mdl:obd", "atp", "evopress", "mdl-paper:diag"]
+    opts = {k: v for k, v in kw.items() if k != "log"}
+    res, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], damage_levels=[0.25, 0.5, 0.75],
+                                                         search_generations=2, **opts), tmp / "measured")
+    assert "damage:wanda" in summary.ran and "obd:wanda" in summary.ran and "scores:diag" in summary.ran
+    assert [c.label for c in res.cells] == ["uniform", "mdl:damage", "mdl:obd", "atp", "evopress", "mdl-paper:diag"]
+    from layercap.models import find_blocks, load_model
+
+    model, _ = load_model(str(tmp / "m"))
+    N = np.array([b.num_prunable for b in find_blocks(model)], float)
+    for c in res.cells:
+        rho = np.array(list(c.ratios.values()))
+        assert abs(float(N @ rho / N.sum()) - 0.5) < 1e-6, c.label
+        assert c.decision_seconds is not None and c.decision_seconds >= 0
+    assert (tmp / "measured" / "damage" / "wanda.json").is_file()
+    md = (tmp / "measured" / "comparison.md").read_text()
+    assert "| mdl:obd | wanda | 0.5 |" in md and "decision (s)" in md

@@ -163,7 +163,7 @@ def test_mdl_pruning_hand_example_and_uniform():
     assert u.ratios() == PruningRatios.uniform(u.names, [100, 100], 0.3).ratios()
 
 
-@pytest.mark.parametrize("rule", PRUNING_RULES)
+@pytest.mark.parametrize("rule", [r for r, spec in PRUNING_RULES.items() if spec.source != "measured"])
 @pytest.mark.parametrize("bounds", [(0.0, 1.0), (0.35, 0.6)])
 def test_every_pruning_rule_meets_the_target_exactly(rule, bounds):
     rng = np.random.default_rng(3)
@@ -180,3 +180,16 @@ def test_pruning_rule_errors():
         ratios_by_rule("random", S([1.0, 2.0]), 0.5)
     with pytest.raises(LayercapError, match="outside"):
         ratios_by_rule("owl", S([1.0, 2.0]), 0.7, max_ratio=0.6)
+
+
+@pytest.mark.parametrize("rule", [r for r, spec in PRUNING_RULES.items() if spec.source == "measured"])
+def test_measured_rules_need_the_model(rule):
+    with pytest.raises(LayercapError, match="measuring it on calibration tokens"):
+        ratios_by_rule(rule, S([1.0, 2.0]), 0.5)
+
+
+def test_mdl_paper_caps_every_ratio_at_the_target_plus_five_points():
+    rng = np.random.default_rng(0)
+    s = S(list(rng.random(12) * 5), params=list(rng.integers(1000, 9000, 12)))
+    r = ratios_by_rule("mdl-paper", s, 0.5, max_ratio=0.95)
+    assert r.rho.max() <= 0.55 + 1e-12 and abs(s.params @ r.rho / s.params.sum() - 0.5) <= 1e-9

@@ -31,8 +31,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=tuple(PRUNERS),
                    help="pruners (default wanda sparsegpt)")
     p.add_argument("--rules", nargs="+", default=["uniform", "owl", "alphapruning", "mdl:kfac"], metavar="RULE[:SOURCE]",
-                   help="ratio rules: uniform, owl, alphapruning, layerif, mdl:SOURCE (SOURCE = a score method: diag, kfac, "
-                   "ekfac, gradnorm, exact...; default uniform owl alphapruning mdl:kfac)")
+                   help="ratio rules: uniform, owl, alphapruning, layerif, atp, evopress, mdl-paper, mdl:SOURCE (SOURCE = a "
+                   "score method: diag, kfac, ekfac, gradnorm, exact..., or damage / obd: the convex program on measured "
+                   "KL / second-order damage curves); default uniform owl alphapruning mdl:kfac")
+    p.add_argument("--damage-levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                   metavar="RHO", help="ratios at which mdl:damage / mdl:obd measure each block (default 0.1 .. 0.9)")
+    p.add_argument("--damage-nsamples", type=int, default=None, metavar="N",
+                   help="calibration windows the damage curves are measured on (default all --nsamples)")
+    p.add_argument("--search-generations", type=int, default=20, metavar="G", help="evopress generations (default 20)")
     p.add_argument("--data", metavar="PATH", help="calibration text (file or directory), shared by scores and pruners (required)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
@@ -73,6 +79,7 @@ def main(args) -> int:
         nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
         eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size, min_ratio=args.min_ratio,
         max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device, bos=args.bos,
+        damage_levels=args.damage_levels, damage_nsamples=args.damage_nsamples, search_generations=args.search_generations,
         progress=not args.quiet), flags={"sparsities": "--sparsity", "model": "MODEL"})
     result, summary = run_pruning_sweep(options, args.output, log=lambda msg: print(msg, file=sys.stderr))
     print(result.markdown())

@@ -18,9 +18,15 @@ run; :func:`collect` (``--report-only``) reads the cells computed with those set
 
 Rules (``RULE[:SOURCE]``; the default score source in brackets): ``uniform`` (none), ``owl``
 [owl], ``alphapruning`` [alpha-hill], ``layerif`` [influence], ``mdl`` [kfac] -- ``mdl:diag``,
-``mdl:kfac``, ``mdl:ekfac``, ``mdl:gradnorm`` ... choose the estimator of zeta^2. Every rule's
-ratios are weighted by each block's *prunable* weights and meet the target sparsity exactly
-within the same box [min_ratio, max_ratio].
+``mdl:kfac``, ``mdl:ekfac``, ``mdl:gradnorm`` ... choose the estimator of zeta^2; ``mdl-paper``
+(the paper's protocol: zeta^2 program capped at s + 0.05). Measured rules: ``mdl:damage`` (the
+convex-damage program on the KL measured when each block alone is pruned, stage
+``damage:<pruner>`` -> ``damage/<pruner>.json``), ``mdl:obd`` (the same program on the free
+second-order estimate, stage ``obd:<pruner>``), ``atp`` (arithmetic progression over depth, its
+slope chosen on calibration KL) and ``evopress`` (level-switch search from uniform on
+calibration KL). Every rule's ratios are weighted by each block's *prunable* weights and meet
+the target sparsity exactly within the same box [min_ratio, max_ratio]; each cell records the
+wall seconds of its rule's decision (scores or damage stage plus program or search).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from layercap.errors import LayercapError
 from layercap.experiments.common import check_device, file_hash, known_score_methods, model_fingerprint, prunable_scores
 from layercap.experiments.runner import Stage, StageRunner, check_run_dir, removed_on_failure, run_stages
 from layercap.io import atomic_write_json, sha256_json
-from layercap.programs.rules import RuleSpec, parse_rule
+from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, RuleSpec, parse_rule
 
 RUN_FILE = "run.json"
 
@@ -70,6 +76,9 @@ class PruningSweepOptions:
     dtype: str = "float32"
     device: str = "cpu"
     bos: str = "auto"
+    damage_levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    damage_nsamples: int | None = None
+    search_generations: int = 20
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -79,8 +88,15 @@ class PruningSweepOptions:
         if self.bos not in POLICIES:
             raise LayercapError(f"bos must be one of {', '.join(POLICIES)}, got {self.bos!r}.")
 
-        known = known_score_methods()
+        from layercap.programs.damage import check_levels
+
+        known = known_score_methods() + list(DAMAGE_SOURCES)
         specs = [parse_rule(r, "pruning", known_sources=known) for r in self.rules]
+        self.damage_levels = check_levels(self.damage_levels, "damage_levels")
+        if self.damage_nsamples is not None and not (1 <= self.damage_nsamples <= self.nsamples):
+            raise LayercapError(f"damage_nsamples must lie in [1, nsamples = {self.nsamples}], got {self.damage_nsamples}.")
+        if self.search_generations < 1:
+            raise LayercapError(f"search_generations must be >= 1, got {self.search_generations}.")
         if len({s.label for s in specs}) != len(specs):
             raise LayercapError(f"rules lists a rule twice: {self.rules}.")
         for m in self.methods:
@@ -150,21 +166,67 @@ def plan(sw: _Sweep) -> list[Stage]:
     stages = [Stage("dense", lambda ctx: eval_key, _dense)]
     sources = []
     for s in o.specs:
-        if s.source and s.source not in sources:
+        if s.source and s.source not in sources and s.source not in DAMAGE_SOURCES and s.source != MEASURED:
             sources.append(s.source)
     for source in sources:
         key = {**calib_key, "source": source, "seed": o.seed}
         stages.append(Stage(f"scores:{source}", lambda ctx, k=key: k, lambda ctx, src=source: _scores(ctx, src)))
+    damage_key = {**calib_key, "levels": o.damage_levels, "nsamples": o.damage_nsamples}
+    for kind in [k for k in DAMAGE_SOURCES if any(s.source == k for s in o.specs)]:
+        for method in o.methods:
+            stages.append(Stage(f"{kind}:{method}", lambda ctx, k={**damage_key, "kind": kind, "method": method}: k,
+                                lambda ctx, kd=kind, m=method: _damage(ctx, kd, m)))
     for sparsity in o.sparsities:
         for method in o.methods:
             for spec in o.specs:
                 cid = cell_id(spec, method, sparsity)
                 key = {**eval_key, **calib_key, "rule": spec.label, "method": method, "sparsity": sparsity,
                        "min_ratio": o.min_ratio, "max_ratio": o.max_ratio}
-                ups = ["cells/dense.json"] + ([f"scores/{spec.source}.json"] if spec.source else [])
+                ups = ["cells/dense.json"] + _source_files(spec, method)
+                if spec.source == MEASURED:
+                    key["search"] = {"generations": o.search_generations} if spec.rule == "evopress" else {}
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.upstream(*u)},
                                     lambda ctx, sp=spec, m=method, s=sparsity: _cell(ctx, sp, m, s)))
     return stages
+
+
+def _source_files(spec: RuleSpec, method: str) -> list[str]:
+    """The artefacts a rule's decision reads (run-relative): a scores file, a damage table, or none."""
+    if spec.source in DAMAGE_SOURCES:
+        return [_damage_rel(spec.source, method)]
+    if spec.source and spec.source != MEASURED:
+        return [f"scores/{spec.source}.json"]
+    return []
+
+
+def _damage_rel(kind: str, method: str) -> str:
+    return f"damage/{method}.json" if kind == "damage" else f"damage/obd-{method}.json"
+
+
+def _damage(sw: _Sweep, kind: str, method: str) -> list[str]:
+    """The damage table of ``method`` pruning: measured KL per (block, level), or OBD estimates only."""
+    from layercap.apply.prune.damage import curvature_stats, damage_curves
+    from layercap.data.calibration import CalibrationSet
+
+    o = sw.options
+    calib = sw.calib
+    if o.damage_nsamples is not None:
+        calib = CalibrationSet(calib.input_ids[: o.damage_nsamples], calib.sha256 + f"[:{o.damage_nsamples}]", calib.source,
+                               calib.seed, calib.bos)
+    rel = _damage_rel(kind, method)
+    path = sw.out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if kind == "obd":
+        curv = curvature_stats(sw.model, calib, ("diag",), batch_size=o.batch_size)
+        table = damage_curves(sw.model, calib, o.damage_levels, method, curvature=curv, measure=False,
+                              batch_size=o.batch_size, progress=o.progress, model_id=str(o.model))
+    else:
+        table = damage_curves(sw.model, calib, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
+                              checkpoint=str(path) + ".partial", model_id=str(o.model))
+    table.save(path)
+    sw.log(f"{kind}:{method}: {time.perf_counter() - t0:.1f} s")
+    return [rel]
 
 
 def cell_id(spec: RuleSpec, method: str, sparsity: float) -> str:
@@ -193,17 +255,44 @@ def _scores(sw: _Sweep, source: str) -> list[str]:
     return [rel]
 
 
-def _ratios(sw: _Sweep, spec: RuleSpec, sparsity: float):
+def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
+    """The rule's per-block ratios for this cell (PruningRatios)."""
     from layercap.models import find_blocks
     from layercap.programs.records import PruningRatios
     from layercap.programs.rules import ratios_by_rule
     from layercap.scorefile import LayerScores
 
+    o = sw.options
     blocks = find_blocks(sw.model)
+    names, params = [b.name for b in blocks], [b.num_prunable for b in blocks]
     if spec.source is None:
-        return PruningRatios.uniform([b.name for b in blocks], [b.num_prunable for b in blocks], sparsity)
-    scores = prunable_scores(LayerScores.load(sw.out / f"scores/{spec.source}.json"), {b.name: b.num_prunable for b in blocks})
-    return ratios_by_rule(spec.rule, scores, sparsity, min_ratio=sw.options.min_ratio, max_ratio=sw.options.max_ratio)
+        return PruningRatios.uniform(names, params, sparsity)
+    if spec.source in DAMAGE_SOURCES:
+        from layercap.programs.damage import load_for, ratios_from_damage
+
+        table = load_for(sw.out / _damage_rel(spec.source, method), names, params)
+        return ratios_from_damage(table, sparsity, source="kl" if spec.source == "damage" else "obd-diag",
+                                  min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=spec.label)
+    if spec.source == MEASURED:
+        from layercap.apply.prune.search import KLFitness, atp_search, evolve_ratios
+
+        model = copy.deepcopy(sw.model)
+        if spec.rule == "atp":
+            with KLFitness(model, sw.calib, method, batch_size=o.batch_size) as fit:
+                return atp_search(fit, names, params, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
+        return evolve_ratios(model, sw.calib, PruningRatios.uniform(names, params, sparsity), method=method,
+                             min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
+                             progress=o.progress, batch_size=o.batch_size)
+    scores = prunable_scores(LayerScores.load(sw.out / f"scores/{spec.source}.json"), dict(zip(names, params)))
+    return ratios_by_rule(spec.rule, scores, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
+
+
+def _decision_seconds(sw: _Sweep, spec: RuleSpec, method: str) -> float:
+    """Wall seconds of the stage that made the rule's input (scores or damage table), as recorded."""
+    for rec in sw.runner.manifest.stages.values():
+        if any(rel in rec.outputs for rel in _source_files(spec, method)):
+            return float(rec.wall_time_s)
+    return 0.0
 
 
 def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]:
@@ -212,7 +301,9 @@ def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]
     from layercap.report.pruning_table import CellResult
 
     o = sw.options
-    ratios = _ratios(sw, spec, sparsity)
+    t_decide = time.perf_counter()
+    ratios = _ratios(sw, spec, method, sparsity)
+    decision = time.perf_counter() - t_decide + _decision_seconds(sw, spec, method)
     dense = EvalResult.load(sw.out / "cells" / "dense.json")
     pruned = copy.deepcopy(sw.model)
     t0 = time.perf_counter()
@@ -222,7 +313,7 @@ def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]
                         **sw.eval_kwargs())
     cell = CellResult(spec.rule, spec.source, method, float(sparsity), float(report.achieved), ratios.ratios(), ev,
                       t1 - t0, time.perf_counter() - t1, list(getattr(ratios, "warnings", []) or []),
-                      settings_sha256=sha256_json(sw.settings))
+                      settings_sha256=sha256_json(sw.settings), decision_seconds=decision)
     rel = f"cells/{cell_id(spec, method, sparsity)}.json"
     atomic_write_json(sw.out / rel, cell.to_dict())
     sw.log(f"{cell_id(spec, method, sparsity)}: ppl {', '.join(f'{v.ppl:.2f}' for v in ev.ppl.values())}; "

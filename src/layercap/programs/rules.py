@@ -60,6 +60,12 @@ ALPHA_EPS = 0.3
 # sizes), CURVATURE (the zeta^2 estimator the user picks, e.g. mdl:kfac), or a score method name
 CURVATURE = "curvature"
 DEFAULT_CURVATURE = "kfac"
+# rules decided by measuring the pruned model on calibration tokens (a search), not by a program
+# over a scores file: the orchestration layer runs them (layercap.apply.prune.search)
+MEASURED = "measured"
+# sources of the convex-damage program (mdl:damage, mdl:obd): damage tables measured per pruner
+# (layercap.apply.prune.damage), not scores files
+DAMAGE_SOURCES = ("damage", "obd")
 
 
 @dataclass(frozen=True)
@@ -140,10 +146,10 @@ def parse_rule(text: str, program: str, curvature: str = DEFAULT_CURVATURE, know
         raise LayercapError(f"{program} rule {text!r} is unknown; use one of {', '.join(registry)} "
                             f"(curvature rules as RULE:METHOD, e.g. mdl:kfac).")
     declared = registry[rule].source
-    if declared is None:
+    if declared is None or declared == MEASURED:
         if source:
             raise LayercapError(f"rule {text!r}: {rule} reads no scores; write just {rule!r}.")
-        return RuleSpec(rule, None, program)
+        return RuleSpec(rule, declared, program)
     source = source or (curvature if declared == CURVATURE else declared)
     if known_sources is not None and source not in known_sources:
         raise LayercapError(f"rule {text!r}: score method {source!r} is not available; choose one of {', '.join(sorted(known_sources))}.")
@@ -418,6 +424,25 @@ register_pruning_rule("uniform", _prune_uniform, None, "the target sparsity in e
 register_pruning_rule("owl", _prune_owl, "owl", "OWL outlier-weighted ratios")
 register_pruning_rule("alphapruning", _prune_alphapruning, "alpha-hill", "AlphaPruning heavy-tail map")
 register_pruning_rule("layerif", _prune_layerif, "influence", "LayerIF influence, smoothed, AlphaPruning map")
+
+
+def _prune_mdl_paper(scores, N, s, lo, hi, options):
+    from layercap.programs.atp import mdl_paper_ratios
+
+    rec = mdl_paper_ratios(scores, s, min_ratio=lo, max_ratio=hi, eta=options["eta"], p=options["p"])
+    return rec.rho, rec.nu, rec.mode, dict(rec.metadata), list(rec.warnings)
+
+
+def _measured(name: str):
+    def solve(scores, N, s, lo, hi, options):
+        raise LayercapError(f"rule {name!r} is decided by pruning the model and measuring it on calibration tokens; "
+                            "run it through compare-pruning or the main job (layercap run), not from a scores file.")
+    return solve
+
+
+register_pruning_rule("mdl-paper", _prune_mdl_paper, CURVATURE, "the paper's protocol: zeta^2 program, ratios capped at s + 0.05")
+register_pruning_rule("atp", _measured("atp"), MEASURED, "ATP: arithmetic progression over depth, slope by calibration KL")
+register_pruning_rule("evopress", _measured("evopress"), MEASURED, "EvoPress: (1+lambda) level-switch search on calibration KL")
 
 # rule -> the score method each baseline reads (kept for callers that need the plain mapping)
 RULE_SOURCES = rule_sources()

@@ -42,6 +42,7 @@ class CellResult:
     eval_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     settings_sha256: str | None = None  # the shared settings the cell was computed with (None: written before they were recorded)
+    decision_seconds: float | None = None  # wall time of the rule's decision: its scores / damage stage plus program or search
 
     @property
     def label(self) -> str:
@@ -61,6 +62,7 @@ class CellResult:
             "eval_seconds": self.eval_seconds,
             "warnings": list(self.warnings),
             "settings_sha256": self.settings_sha256,
+            "decision_seconds": self.decision_seconds,
         }
 
     @classmethod
@@ -71,7 +73,7 @@ class CellResult:
             d["rule"], d.get("source"), d["method"], float(d["sparsity"]), float(d["achieved"]),
             {k: float(v) for k, v in d["ratios"].items()}, EvalResult.from_dict(d["eval"]),
             float(d.get("prune_seconds", 0.0)), float(d.get("eval_seconds", 0.0)), list(d.get("warnings", [])),
-            d.get("settings_sha256"),
+            d.get("settings_sha256"), d.get("decision_seconds"),
         )
 
 
@@ -115,8 +117,8 @@ class Comparison:
         """One flat row per model (dense first): ppl per text, acc per task, the means."""
         ppl_keys, task_keys = self.columns()
 
-        def row(label, method, sparsity, achieved, ev: EvalResult) -> dict:
-            r = {"rule": label, "method": method, "sparsity": sparsity, "achieved": achieved}
+        def row(label, method, sparsity, achieved, ev: EvalResult, decision=None) -> dict:
+            r = {"rule": label, "method": method, "sparsity": sparsity, "achieved": achieved, "decision_seconds": decision}
             r.update({f"ppl:{k}": ev.ppl[k].ppl if k in ev.ppl else None for k in ppl_keys})
             r.update({f"acc:{k}": ev.tasks[k].acc if k in ev.tasks else None for k in task_keys})
             r["mean_acc"] = ev.mean_acc
@@ -124,7 +126,7 @@ class Comparison:
             return r
 
         out = [row("dense", "-", 0.0, 0.0, self.dense)]
-        out += [row(c.label, c.method, c.sparsity, c.achieved, c.eval) for c in self.cells]
+        out += [row(c.label, c.method, c.sparsity, c.achieved, c.eval, c.decision_seconds) for c in self.cells]
         return out
 
     def write_csv(self, path: str | Path) -> Path:
@@ -137,7 +139,7 @@ class Comparison:
         ppl_keys, task_keys = self.columns()
         above = self.dense.above_chance
         head = ["rule", "pruner", "sparsity"] + [f"ppl {k}" for k in ppl_keys] + [f"{k} acc" for k in task_keys]
-        head += [f"mean acc (above chance: {', '.join(above) or 'none'})", "mean acc (all)"]
+        head += [f"mean acc (above chance: {', '.join(above) or 'none'})", "mean acc (all)", "decision (s)"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
         def fmt(v, digits):
@@ -146,7 +148,7 @@ class Comparison:
         d = self.dense
         lines.append(
             "| " + " | ".join(["dense", "-", "0"] + [fmt(d.ppl[k].ppl, 2) for k in ppl_keys] + [fmt(d.tasks[k].acc, 3) for k in task_keys]
-                              + [fmt(d.mean_acc_above_chance, 4), fmt(d.mean_acc, 4)]) + " |"
+                              + [fmt(d.mean_acc_above_chance, 4), fmt(d.mean_acc, 4), "-"]) + " |"
         )
         groups: dict[tuple[str, float], list[CellResult]] = {}
         for c in self.cells:
@@ -164,6 +166,7 @@ class Comparison:
                 m = c.eval.mean_acc_above_chance
                 vals.append(f"**{fmt(m, 4)}**" if m is not None and m == best_acc and len(cells) > 1 else fmt(m, 4))
                 vals.append(fmt(c.eval.mean_acc, 4))
+                vals.append(fmt(c.decision_seconds, 1))
                 lines.append("| " + " | ".join([c.label, method, f"{s:g}"] + vals) + " |")
         return "\n".join(lines) + "\n"
 
