@@ -48,10 +48,10 @@ def _make_data(root: Path) -> Path:
 def tiny_overrides(root: Path) -> list[str]:
     return [
         "model.spec=tiny-llama", "model.tiny_layers=6", "model.device=cpu",
-        f"data.root={root}", "data.calibration=corpus.txt", "data.nsamples=4", "data.seqlen=32",
+        f"data.root={root}", "data.calibration=corpus.txt", "data.nsamples=4", "data.seqlen=32", "data.start_token=256",
         f"scoring.methods=[{','.join(METHODS)}]", "scoring.batch_size=2",
         f"allocation.rules=[{','.join(ALLOC_RULES)}]", "allocation.budget=24",
-        f"pruning.rules=[{','.join(RATIO_RULES)}]", "pruning.apply=[mdl,uniform]",
+        f"pruning.rules=[{','.join(RATIO_RULES)}]", "pruning.apply=[mdl,uniform]", "pruning.damage_levels=[0.25,0.5,0.75]",
         "evaluation.perplexity=[corpus.txt]", "evaluation.tasks=[mini.jsonl]", "evaluation.tasks_dir=tasks",
         "evaluation.ppl_tokens=256", "evaluation.ppl_seqlen=64", "evaluation.limit=12",
     ]
@@ -291,3 +291,25 @@ def test_pruned_checkpoints_in_compressed_tensors_format(data_root, tmp_path):
     assert size(sparse_dir / "pruned/uniform") < size(dense_dir / "pruned/uniform")
     ppl = lambda d: json.loads((d / "eval/uniform.json").read_text())["perplexity"]  # noqa: E731
     assert ppl(sparse_dir) == ppl(dense_dir)
+
+
+def test_measured_pruning_rules_in_the_main_job(data_root, tmp_path):
+    """mdl:obd / mdl:damage read damage tables made by their own stages, atp searches on the
+    calibration windows; the report names the best applied rule and shows the damage heat maps."""
+    few = ["scoring.methods=[diag]", "allocation.rules=[uniform]", "allocation.scores=diag", "pruning.scores=diag",
+           "pruning.rules=[mdl:obd,mdl:damage,uniform,atp]", "pruning.apply=[mdl:obd,uniform]", "evaluation.tasks=[]",
+           "report.html=false", "pruning.save_checkpoints=false"]
+    run_dir = tmp_path / "run"
+    summary = run_pipeline(_config(data_root, *few), run_dir)
+    assert {"damage:obd", "damage:damage", "ratios:mdl:obd", "ratios:atp", "eval:mdl:obd"} <= set(summary.ran)
+    from layercap.programs.records import PruningRatios
+
+    prunable = np.array([b["prunable"] for b in _json(run_dir / "model.json")["blocks"]], dtype=float)
+    for rule in ("mdl-obd", "mdl-damage", "atp"):
+        rho = PruningRatios.load(run_dir / f"ratios/{rule}.json").rho
+        assert abs(rho @ prunable / prunable.sum() - 0.5) < 1e-6, rule
+    md = (run_dir / "report.md").read_text()
+    assert "**Best rule: `" in md and "report_files/damage-obd.png" in md and "report_files/damage-damage.png" in md
+    assert (run_dir / "eval/mdl-obd.json").is_file()
+    again = run_pipeline(_config(data_root, *few), run_dir)
+    assert again.ran == ["report"] or again.ran == []

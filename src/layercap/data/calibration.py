@@ -122,18 +122,28 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_set(
-    tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0, bos="auto", model=None
+    tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0, bos="auto", model=None,
+    start_token: int = 0,
 ) -> CalibrationSet:
     """``nsamples`` windows of ``seqlen`` tokens from ``path``, seeded (see module docstring).
 
     ``bos``: ``auto`` (default) / ``always`` / ``never`` or a :class:`BosChoice`; ``model`` (or its
-    config) lets ``auto`` recognise a family that needs BOS (Gemma) whatever its tokenizer says."""
+    config) lets ``auto`` recognise a family that needs BOS (Gemma) whatever its tokenizer says.
+    ``start_token``: windows are drawn from token ``start_token`` on, so that the first tokens of
+    the text can be held out for evaluation (perplexity reads a text from its start)."""
     if nsamples < 1 or seqlen < 2:
         raise LayercapError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}.")
     if nsamples * seqlen > MAX_WINDOW_TOKENS:
         raise LayercapError(f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen:,} tokens, more than the "
                             f"{MAX_WINDOW_TOKENS:,} layercap holds in memory; use fewer or shorter windows.")
     tokens = tokenize_text(tokenizer, read_text(path))
+    if start_token:
+        if not (isinstance(start_token, int) and start_token >= 0):
+            raise LayercapError(f"start_token must be a whole number >= 0, got {start_token!r}.")
+        if tokens.numel() - start_token < seqlen + 1:
+            raise LayercapError(f"{path} has {tokens.numel()} tokens: after the first {start_token} (held out) fewer than "
+                                f"--seqlen {seqlen} + 1 remain; lower the start or use a larger file.")
+        tokens = tokens[start_token:]
     if tokens.numel() < seqlen + 1:
         raise LayercapError(
             f"{path} has {tokens.numel()} tokens, fewer than --seqlen {seqlen} + 1; use a larger file or a smaller --seqlen."

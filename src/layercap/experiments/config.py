@@ -52,12 +52,28 @@ class RegisteredScoreMethods:
 
 SCORE_METHODS = RegisteredScoreMethods()
 ALLOCATION_RULES = _rules.ALLOCATION_RULES
-RATIO_RULES = _rules.PRUNING_RULES
+
+
+class PruningRuleSpecs:
+    """Allowed pruning rules: every registered rule, plus ``mdl:damage`` / ``mdl:obd`` (the
+    convex-damage program on measured or second-order damage curves). Iterates like a tuple."""
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(_rules.PRUNING_RULES) + tuple(f"mdl:{k}" for k in _rules.DAMAGE_SOURCES)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, name) -> bool:
+        return name in self.names()
+
+
+RATIO_RULES = PruningRuleSpecs()
 # The score source each baseline rule reads. The others read the section's `scores` (mdl,
 # proportional) or use it only for the block names and sizes (uniform, MoLA patterns).
 RULE_SOURCES = {(section, name): rule.source
-                for section, rules in (("allocation", ALLOCATION_RULES), ("pruning", RATIO_RULES))
-                for name, rule in rules.items() if rule.source not in (None, _rules.CURVATURE)}
+                for section, rules in (("allocation", ALLOCATION_RULES), ("pruning", _rules.PRUNING_RULES))
+                for name, rule in rules.items() if rule.source not in (None, _rules.CURVATURE, _rules.MEASURED)}
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")  # layercap.apply.prune.PRUNERS (a test keeps them equal)
 
 
@@ -96,6 +112,9 @@ class DataConfig:
     nsamples: int = _f("calibration windows", kind="int", lo=1, default=4)
     seqlen: int = _f("tokens per calibration window", kind="int", lo=2, default=256)
     seed: int = _f("seed of the window offsets", kind="int", lo=0, default=0)
+    start_token: int = _f("calibration windows are drawn from this token on; the tokens before it are held out for "
+                          "evaluation (a perplexity text that is also the calibration text must fit in them)",
+                          kind="int", lo=0, default=8192)
     bos: str = _f("BOS token at the start of every window and request: `auto` (as lm-evaluation-harness: Gemma, "
                   "or a tokenizer that adds BOS by default), `always`, `never`", choices=("auto", "always", "never"),
                   default="auto")
@@ -128,10 +147,13 @@ class AllocationConfig:
 @dataclass
 class PruningConfig:
     scores: str = _f("score source of the `mdl` ratio rule", choices=SCORE_METHODS, default="kfac")
-    rules: list = _f("ratio rules to compute at the same sparsity", kind="list", choices=RATIO_RULES,
-                     default_factory=lambda: ["mdl", "uniform", "owl", "alphapruning"])
+    rules: list = _f("ratio rules to compute at the same sparsity (`mdl`: the paper's zeta^2 program; `mdl:obd` / "
+                     "`mdl:damage`: the convex program on second-order / measured damage curves)", kind="list",
+                     choices=RATIO_RULES, default_factory=lambda: ["mdl:obd", "mdl", "uniform", "owl", "alphapruning"])
     apply: list = _f("ratio rules actually pruned and evaluated (subset of `rules`)", kind="list", choices=RATIO_RULES,
-                     default_factory=lambda: ["mdl", "uniform"])
+                     default_factory=lambda: ["mdl:obd", "uniform"])
+    damage_levels: list = _f("ratios at which `mdl:obd` / `mdl:damage` evaluate each block's damage", kind="floats",
+                             default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sparsity: float = _f("global fraction of prunable weights removed", kind="float", lo=0.0, hi=1.0, default=0.5)
     mode: str = _f("MDL program: `exact` (meet the target) or `at-least` (the paper's literal program)",
                    choices=("exact", "at-least"), default="exact")
@@ -237,6 +259,15 @@ class PipelineConfig:
                 raise LayercapError(
                     f"{section}.scores = {scores!r} is not computed: add it to scoring.methods (now {self.scoring.methods})."
                 )
+        for ppl in self.evaluation.perplexity:
+            if self.data_path(ppl) == self.data_path(self.data.calibration) and self.evaluation.ppl_tokens > self.data.start_token:
+                raise LayercapError(
+                    f"evaluation.perplexity reads the first {self.evaluation.ppl_tokens} tokens of {ppl}, the calibration "
+                    f"text, but calibration windows start at data.start_token = {self.data.start_token}: evaluation "
+                    "and calibration tokens would overlap. Raise data.start_token or lower evaluation.ppl_tokens.")
+        from layercap.programs.damage import check_levels
+
+        check_levels(self.pruning.damage_levels, "pruning.damage_levels")
         missing = [r for r in self.pruning.apply if r not in self.pruning.rules]
         if missing:
             raise LayercapError(f"pruning.apply includes {missing[0]!r}, which is not in pruning.rules {self.pruning.rules}; "
@@ -318,6 +349,11 @@ def _check_value(f, value: Any, key: str) -> Any:
         if base == "auto-or-float":
             what = f"'auto' or {_range_text(meta)}"
         raise LayercapError(f"{key} = {value!r} is out of range; allowed: {what}.")
+    if base == "floats":
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in value):
+            raise LayercapError(f"{key} = {value!r} must be a non-empty list of numbers in [0, 1), e.g. [0.25, 0.5].")
+        return [float(v) for v in value]
     if base == "list":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -13,7 +13,8 @@ Run directory layout (paths relative to it)::
     data/calibration.npy     calibration windows (int64, nsamples x seqlen) + data.json
     scores/<method>.json     layercap.scores/v1
     allocation/<rule>.json   layercap.allocation/v1
-    ratios/<rule>.json       layercap.ratios/v1
+    damage/<kind>.json       layercap.damage/v1 (mdl:obd -> obd, mdl:damage -> damage)
+    ratios/<rule>.json       layercap.ratios/v1 (``:`` in a rule name is ``-`` in its file name)
     pruned/<rule>.json       what was pruned (measured sparsity per block) + pruned/<rule>/ checkpoint
     eval/<variant>.json      layercap.run-eval/v1 (perplexity, accuracy per task)
     report.md, report.html, report_files/*.png
@@ -42,6 +43,7 @@ from layercap.experiments.common import (
     read_json,
 )
 from layercap.experiments.runner import Stage, StageRunner, hash_output
+from layercap.programs.rules import rule_file
 from layercap.scores.api import versions as _versions
 
 EVAL_SCHEMA = "layercap.run-eval/v1"
@@ -154,7 +156,8 @@ def find_run_blocks(ctx: RunContext, model):
 def data_inputs(ctx: RunContext) -> dict[str, Any]:
     d = ctx.config.data
     path = _existing(ctx.config.data_path(d.calibration), "data.calibration")
-    return {"data": {"nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "bos": d.bos}, "file": hash_output(path),
+    return {"data": {"nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "bos": d.bos, "start_token": d.start_token},
+            "file": hash_output(path),
             "tokenizer": ctx.upstream(*(["model"] if is_tiny(ctx.config.model.spec) else ["model.json"]))}
 
 
@@ -173,13 +176,15 @@ def stage_data(ctx: RunContext) -> list[str]:
         model_config = AutoConfig.from_pretrained(ctx.path("model"))
     else:
         model_config = dense_model(ctx)[0].config
-    calib = calibration_set(tokenizer, path, nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, bos=d.bos, model=model_config)
+    calib = calibration_set(tokenizer, path, nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, bos=d.bos, model=model_config,
+                            start_token=d.start_token)
     buf = io.BytesIO()
     np.save(buf, calib.input_ids.numpy().astype(np.int64), allow_pickle=False)
     atomic_write_bytes(ctx.path("data/calibration.npy"), buf.getvalue())
     atomic_write_json(ctx.path("data/data.json"), {
         "schema": DATA_SCHEMA, "source": str(path), "source_sha256": hash_output(path), "sha256": calib.sha256,
-        "nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "tokens": calib.num_tokens, "bos": calib.bos.to_dict(),
+        "nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "start_token": d.start_token, "tokens": calib.num_tokens,
+        "bos": calib.bos.to_dict(),
     })
     return ["data/calibration.npy", "data/data.json"]
 
@@ -263,20 +268,87 @@ def stage_allocation(ctx: RunContext, rule: str) -> list[str]:
     return [rel]
 
 
+def _pruning_spec(ctx: RunContext, rule: str):
+    from layercap.programs.rules import parse_rule
+
+    return parse_rule(rule, "pruning", curvature=ctx.config.pruning.scores)
+
+
 def ratios_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
+    from layercap.programs.rules import DAMAGE_SOURCES, MEASURED
+
     p = ctx.config.pruning
     fields_ = {k: getattr(p, k) for k in ("sparsity", "mode", "eta", "min_ratio", "max_ratio")}
-    return {"rule": rule, "pruning": fields_, "upstream": ctx.upstream(f"scores/{rule_source(ctx, 'pruning', rule)}.json")}
+    spec = _pruning_spec(ctx, rule)
+    if spec.source in DAMAGE_SOURCES:
+        upstream = ctx.upstream(f"damage/{spec.source}.json")
+    elif spec.source == MEASURED:  # a search over the pruned model on the calibration windows
+        fields_.update(method=p.method, structure=p.structure)
+        upstream = _model_and_data(ctx)
+    else:
+        upstream = ctx.upstream(f"scores/{rule_source(ctx, 'pruning', rule)}.json")
+    return {"rule": rule, "pruning": fields_, "upstream": upstream}
 
 
 def stage_ratios(ctx: RunContext, rule: str) -> list[str]:
-    from layercap.programs.rules import ratios_by_rule
+    from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, ratios_by_rule
 
     p = ctx.config.pruning
-    scores = _with_prunable_params(ctx, load_scores(ctx, rule_source(ctx, "pruning", rule)))
-    ratios = ratios_by_rule(rule, scores, p.sparsity, mode=p.mode, eta=p.eta, min_ratio=p.min_ratio, max_ratio=p.max_ratio)
-    rel = f"ratios/{rule}.json"
+    spec = _pruning_spec(ctx, rule)
+    blocks = read_json(ctx.path("model.json"))["blocks"]
+    names, params = [b["name"] for b in blocks], [b["prunable"] for b in blocks]
+    if spec.source in DAMAGE_SOURCES:
+        from layercap.programs.damage import load_for, ratios_from_damage
+
+        table = load_for(ctx.path(f"damage/{spec.source}.json"), names, params)
+        ratios = ratios_from_damage(table, p.sparsity, source="kl" if spec.source == "damage" else "obd-diag",
+                                    min_ratio=p.min_ratio, max_ratio=p.max_ratio, rule=rule)
+    elif spec.source == MEASURED:
+        from layercap.apply.prune.search import KLFitness, atp_search, evolve_ratios
+        from layercap.programs.records import PruningRatios
+
+        model, _ = load_run_model(ctx, with_tokenizer=False)
+        calib = load_calibration(ctx)
+        if spec.rule == "atp":
+            with KLFitness(model, calib, p.method, batch_size=ctx.config.scoring.batch_size) as fit:
+                ratios = atp_search(fit, names, params, p.sparsity, min_ratio=p.min_ratio, max_ratio=p.max_ratio)
+        else:
+            ratios = evolve_ratios(model, calib, PruningRatios.uniform(names, params, p.sparsity), method=p.method,
+                                   min_ratio=p.min_ratio, max_ratio=p.max_ratio, batch_size=ctx.config.scoring.batch_size)
+        ratios.metadata = drop_timings(ratios.metadata)
+    else:
+        scores = _with_prunable_params(ctx, load_scores(ctx, rule_source(ctx, "pruning", rule)))
+        ratios = ratios_by_rule(rule, scores, p.sparsity, mode=p.mode, eta=p.eta, min_ratio=p.min_ratio, max_ratio=p.max_ratio)
+    rel = f"ratios/{rule_file(rule)}.json"
     ratios.save(ctx.path(rel))
+    return [rel]
+
+
+def damage_inputs(ctx: RunContext, kind: str) -> dict[str, Any]:
+    p = ctx.config.pruning
+    return {"kind": kind, "method": p.method, "structure": p.structure, "levels": p.damage_levels,
+            "batch_size": ctx.config.scoring.batch_size, "upstream": _model_and_data(ctx)}
+
+
+def stage_damage(ctx: RunContext, kind: str) -> list[str]:
+    """Damage curves of every block under ``pruning.method``: the KL measured when each block alone
+    is pruned (``damage``), or the free second-order (OBD, diagonal Fisher) estimate (``obd``)."""
+    from layercap.apply.prune.damage import curvature_stats, damage_curves
+
+    p = ctx.config.pruning
+    model, _ = load_run_model(ctx, with_tokenizer=False)
+    calib = load_calibration(ctx)
+    rel = f"damage/{kind}.json"
+    ctx.path("damage").mkdir(parents=True, exist_ok=True)
+    bs = ctx.config.scoring.batch_size
+    if kind == "obd":
+        curv = curvature_stats(model, calib, ("diag",), batch_size=bs)
+        table = damage_curves(model, calib, p.damage_levels, p.method, structure=p.structure, curvature=curv, measure=False,
+                              batch_size=bs, model_id=ctx.config.model.spec)
+    else:
+        table = damage_curves(model, calib, p.damage_levels, p.method, structure=p.structure, batch_size=bs,
+                              checkpoint=str(ctx.path(rel)) + ".partial", model_id=ctx.config.model.spec)
+    table.save(ctx.path(rel))
     return [rel]
 
 
@@ -289,7 +361,7 @@ def _with_prunable_params(ctx: RunContext, scores):
 def prune_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
     p = ctx.config.pruning
     return {"rule": rule, "method": p.method, "structure": p.structure, "save": p.save_checkpoints, "format": p.save_format,
-            "dtype": ctx.config.model.dtype, "upstream": {**_model_and_data(ctx), **ctx.upstream(f"ratios/{rule}.json")}}
+            "dtype": ctx.config.model.dtype, "upstream": {**_model_and_data(ctx), **ctx.upstream(f"ratios/{rule_file(rule)}.json")}}
 
 
 def _prune_in_memory(ctx: RunContext, rule: str):
@@ -298,7 +370,7 @@ def _prune_in_memory(ctx: RunContext, rule: str):
     from layercap.programs.records import PruningRatios
 
     p = ctx.config.pruning
-    ratios = PruningRatios.load(ctx.path(f"ratios/{rule}.json"))
+    ratios = PruningRatios.load(ctx.path(f"ratios/{rule_file(rule)}.json"))
     model, tokenizer = load_run_model(ctx)
     calib = load_calibration(ctx)
     report = prune_model(model, ratios.ratios(), p.method, calib, p.structure, device=ctx.device,
@@ -327,20 +399,20 @@ def stage_prune(ctx: RunContext, rule: str) -> list[str]:
     total = sum(l["prunable"] for l in layers)
     outputs = []
     if ctx.config.pruning.save_checkpoints:
-        with atomic_directory(ctx.path(f"pruned/{rule}")) as tmp:
+        with atomic_directory(ctx.path(f"pruned/{rule_file(rule)}")) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if ctx.config.pruning.save_format == "compressed-tensors":
                 from layercap.export.compressed_tensors import compress_pruned
 
                 compress_pruned(tmp, find_run_blocks(ctx, model), ratios.ratios(), ctx.config.pruning.structure)
-        outputs.append(f"pruned/{rule}")
-    atomic_write_json(ctx.path(f"pruned/{rule}.json"), {
+        outputs.append(f"pruned/{rule_file(rule)}")
+    atomic_write_json(ctx.path(f"pruned/{rule_file(rule)}.json"), {
         "schema": PRUNED_SCHEMA, "rule": rule, "method": ctx.config.pruning.method, "structure": ctx.config.pruning.structure,
-        "checkpoint": f"pruned/{rule}" if ctx.config.pruning.save_checkpoints else None,
+        "checkpoint": f"pruned/{rule_file(rule)}" if ctx.config.pruning.save_checkpoints else None,
         "sparsity": sum(l["zeros"] for l in layers) / max(1, total), "layers": layers, "report": report_doc,
     })
-    return outputs + [f"pruned/{rule}.json"]
+    return outputs + [f"pruned/{rule_file(rule)}.json"]
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -354,7 +426,8 @@ def eval_inputs(ctx: RunContext, variant: str) -> dict[str, Any]:
     if variant == "dense":
         upstream = ctx.upstream(*(["model.json"] + (["model"] if is_tiny(ctx.config.model.spec) else [])))
     else:
-        upstream = ctx.upstream(f"pruned/{variant}.json", *([f"pruned/{variant}"] if ctx.config.pruning.save_checkpoints else []),
+        upstream = ctx.upstream(f"pruned/{rule_file(variant)}.json",
+                                *([f"pruned/{rule_file(variant)}"] if ctx.config.pruning.save_checkpoints else []),
                                 *(["eval/dense.json"] if ctx.config.evaluation.dense else []))
     fields_ = {k: getattr(e, k) for k in ("ppl_tokens", "ppl_seqlen", "limit")} | {"bos": ctx.config.data.bos}
     return {"variant": variant, "evaluation": fields_, "dtype": ctx.config.model.dtype, "files": files, "upstream": upstream}
@@ -375,7 +448,7 @@ def stage_eval(ctx: RunContext, variant: str) -> list[str]:
     if variant == "dense":
         model, tokenizer = load_run_model(ctx)
     elif ctx.config.pruning.save_checkpoints:
-        model, tokenizer = load_run_model(ctx, path=str(ctx.path(f"pruned/{variant}")))
+        model, tokenizer = load_run_model(ctx, path=str(ctx.path(f"pruned/{rule_file(variant)}")))
     else:
         model, tokenizer, _, _ = _prune_in_memory(ctx, variant)
     # Pruned variants average accuracy over the tasks where the dense model beats chance.
@@ -385,7 +458,7 @@ def stage_eval(ctx: RunContext, variant: str) -> list[str]:
     with torch.no_grad():  # evaluation needs no autograd graph (saves time and memory)
         result = _evaluate(ctx, model, tokenizer, variant, reference)
     doc = drop_timings(result.to_dict())
-    rel = f"eval/{variant}.json"
+    rel = f"eval/{rule_file(variant)}.json"
     atomic_write_json(ctx.path(rel), {"schema": EVAL_SCHEMA, "variant": variant, **summarise_eval(doc), "result": doc})
     return [rel]
 
@@ -467,6 +540,8 @@ def plan(config: PipelineConfig) -> list[Stage]:
         stages.append(Stage(f"score:{method}", _bind(score_inputs, method), _bind(stage_score, method)))
     for rule in config.allocation.rules:
         stages.append(Stage(f"allocation:{rule}", _bind(allocation_inputs, rule), _bind(stage_allocation, rule)))
+    for kind in damage_kinds(config):
+        stages.append(Stage(f"damage:{kind}", _bind(damage_inputs, kind), _bind(stage_damage, kind)))
     for rule in config.pruning.rules:
         stages.append(Stage(f"ratios:{rule}", _bind(ratios_inputs, rule), _bind(stage_ratios, rule)))
     for rule in config.pruning.apply:
@@ -475,6 +550,13 @@ def plan(config: PipelineConfig) -> list[Stage]:
         stages.append(Stage(f"eval:{variant}", _bind(eval_inputs, variant), _bind(stage_eval, variant)))
     stages.append(Stage("report", report_inputs, stage_report))
     return stages
+
+
+def damage_kinds(config: PipelineConfig) -> list[str]:
+    """The damage tables the pruning rules read (``mdl:damage`` -> damage, ``mdl:obd`` -> obd)."""
+    from layercap.programs.rules import DAMAGE_SOURCES
+
+    return [k for k in DAMAGE_SOURCES if f"mdl:{k}" in config.pruning.rules]
 
 
 def eval_variants(config: PipelineConfig) -> list[str]:

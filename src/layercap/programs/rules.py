@@ -156,6 +156,11 @@ def parse_rule(text: str, program: str, curvature: str = DEFAULT_CURVATURE, know
     return RuleSpec(rule, source, program)
 
 
+def rule_file(rule: str) -> str:
+    """A rule's name as used in file names (``mdl:obd`` -> ``mdl-obd``)."""
+    return str(rule).replace(":", "-")
+
+
 def rule_sources() -> dict[str, str]:
     """rule -> the score method a baseline rule reads (curvature and score-free rules excluded)."""
     return {r.name: r.source for reg in (ALLOCATION_RULES, PRUNING_RULES) for r in reg.values()

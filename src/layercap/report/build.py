@@ -18,7 +18,7 @@ import yaml
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_bytes, atomic_write_text
 from layercap.report.document import Code, Details, Figure, Heading, Para, Table, render_html, render_markdown
-from layercap.report.plots import plot_bars, plot_lines
+from layercap.report.plots import plot_heatmap, plot_bars, plot_lines
 
 FIGURE_DIR = "report_files"
 
@@ -57,6 +57,7 @@ class RunData:
     allocations: dict[str, Any] = field(default_factory=dict)  # rule -> Allocation
     ratios: dict[str, Any] = field(default_factory=dict)       # rule -> PruningRatios
     pruned: dict[str, dict] = field(default_factory=dict)      # rule -> pruned/<rule>.json
+    damage: dict[str, Any] = field(default_factory=dict)      # kind (obd, damage) -> DamageTable
     evals: dict[str, dict] = field(default_factory=dict)       # variant -> eval/<variant>.json
     stages: dict[str, dict] = field(default_factory=dict)      # stages.json "stages"
     versions: dict[str, str] = field(default_factory=dict)
@@ -71,6 +72,7 @@ def _json(path: Path) -> Any:
 def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunData:
     """Load every artefact of ``run_dir`` that the config says should exist (missing ones are errors)."""
     from layercap.programs.records import Allocation, PruningRatios
+    from layercap.programs.rules import rule_file
     from layercap.scorefile import LayerScores
 
     run_dir = Path(run_dir)
@@ -88,15 +90,34 @@ def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunD
     for rule in config["allocation"]["rules"]:
         run.allocations[rule] = Allocation.load(run_dir / "allocation" / f"{rule}.json")
     for rule in config["pruning"]["rules"]:
-        run.ratios[rule] = PruningRatios.load(run_dir / "ratios" / f"{rule}.json")
+        run.ratios[rule] = PruningRatios.load(run_dir / "ratios" / f"{rule_file(rule)}.json")
     for rule in config["pruning"]["apply"]:
-        run.pruned[rule] = _json(run_dir / "pruned" / f"{rule}.json")
+        run.pruned[rule] = _json(run_dir / "pruned" / f"{rule_file(rule)}.json")
     variants = (["dense"] if config["evaluation"]["dense"] else []) + list(config["pruning"]["apply"])
     for variant in variants:
-        run.evals[variant] = _json(run_dir / "eval" / f"{variant}.json")
+        run.evals[variant] = _json(run_dir / "eval" / f"{rule_file(variant)}.json")
+    from layercap.programs.damage import DamageTable
+
+    for kind in ("obd", "damage"):
+        if f"mdl:{kind}" in config["pruning"]["rules"]:
+            run.damage[kind] = DamageTable.load(run_dir / "damage" / f"{kind}.json")
     if (run_dir / "stages.json").is_file():
         run.stages = _json(run_dir / "stages.json").get("stages", {})
     return run
+
+
+def winner(run: RunData) -> tuple[str, str] | None:
+    """(variant, sentence): the pruned variant with the lowest perplexity on the first text (ties
+    broken by mean accuracy), and how it compares with the other pruned variants."""
+    pruned = {v: e for v, e in run.evals.items() if v != "dense" and e.get("perplexity")}
+    if not pruned:
+        return None
+    corpus = sorted(next(iter(pruned.values()))["perplexity"])[0]
+    best = min(pruned, key=lambda v: (pruned[v]["perplexity"][corpus], -(pruned[v].get("mean_accuracy") or 0.0)))
+    others = ", ".join(f"`{v}` {fmt_ppl(e['perplexity'][corpus])}" for v, e in pruned.items() if v != best)
+    text = (f"**Best rule: `{best}`**, perplexity {fmt_ppl(pruned[best]['perplexity'][corpus])} on `{corpus}`"
+            + (f" (others: {others})" if others else "") + ", all at the same sparsity with the same pruner.")
+    return best, text
 
 
 def spearman_matrix(scores: dict[str, Any]) -> tuple[list[str], np.ndarray]:
@@ -155,7 +176,8 @@ def report_blocks(run: RunData, title: str) -> list:
     # results first: that is what a reader wants
     if run.evals:
         headers, rows = results_rows(run)
-        blocks += [Heading("Results"), Table(headers, rows, caption=(
+        won = winner(run)
+        blocks += [Heading("Results")] + ([Para(won[1])] if won else []) + [Table(headers, rows, caption=(
             f"{cfg['pruning']['method']} pruning at {cfg['pruning']['sparsity']:.0%} sparsity ({cfg['pruning']['structure']}); "
             f"perplexity on the first {cfg['evaluation']['ppl_tokens']} tokens; accuracy on the first "
             f"{cfg['evaluation']['limit'] or 'all'} items per task (zero-shot). Dense is the reference"
@@ -197,6 +219,14 @@ def report_blocks(run: RunData, title: str) -> list:
         rows = [[rule, f"{p.achieved:.4f}", f"{p.rho.min():.3f}", f"{p.rho.max():.3f}", str(p.clipped),
                  "; ".join(p.warnings) or "-"] for rule, p in run.ratios.items()]
         blocks.append(Table(["rule", "achieved", "min", "max", "clipped", "warnings"], rows))
+        for kind, table in run.damage.items():
+            source, what = ("obd-diag", "second-order (OBD, diagonal Fisher) estimate of the KL") if kind == "obd" \
+                else ("kl", "KL to the dense model, measured")
+            blocks.append(Figure(f"damage-{kind}", plot_heatmap(table.values(source), table.blocks, table.levels,
+                                                                f"Damage of pruning one block alone ({table.method})",
+                                                                "nats / token"),
+                                 caption=f"`mdl:{kind}` reads these curves: {what} when only that block is pruned at "
+                                         "each ratio (the rest dense); the program spreads the sparsity where it costs least."))
 
     # per-layer table
     blocks.append(Heading("Per-block decisions"))

@@ -109,3 +109,23 @@ def plot_bars(series: Mapping[str, np.ndarray], ylabel: str, title: str, markers
     _xaxis(ax, k)
     _legend(ax, len(labels))
     return _png(fig)
+
+
+def plot_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], title: str, colorbar: str) -> bytes:
+    """A (rows, cols) matrix as a heat map on a log colour scale (damage spans decades); rows are
+    blocks, columns pruning ratios. Missing values (NaN) are left blank."""
+    from matplotlib.colors import LogNorm
+
+    m = np.asarray(matrix, dtype=np.float64)
+    positive = m[np.isfinite(m) & (m > 0)]
+    fig, ax = _figure(width=6.5, height=max(3.0, 0.16 * len(row_labels) + 1.2))
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+    image = ax.imshow(np.where(m > 0, m, np.nan), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    step = max(1, len(row_labels) // 15)
+    ax.set_yticks(range(0, len(row_labels), step), [str(r) for r in row_labels][::step], fontsize=7)
+    ax.set_xlabel("pruning ratio of the block alone")
+    ax.set_ylabel("block")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    return _png(fig)
