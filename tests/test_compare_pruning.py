@@ -44,7 +44,7 @@ def setup(tmp_path):
     text.write_text(TEXT)
     task = tmp_path / "toy.jsonl"
     task.write_text("\n".join(json.dumps(r) for r in TASK) + "\n")
-    return tmp_path, dict(data=text, nsamples=4, seqlen=32, ppl=[text], tasks=[task], eval_seqlen=64, max_tokens=200, batch_size=4, progress=False, log=lambda m: None)
+    return tmp_path, dict(data=text, nsamples=4, seqlen=32, ppl=[text], tasks=[task], eval_seqlen=64, max_tokens=200, start_token=200, batch_size=4, progress=False, log=lambda m: None)
 
 
 def test_parse_rule():
@@ -85,7 +85,7 @@ def test_run_resume_and_outputs(setup, monkeypatch):
     from layercap.data.calibration import calibration_set
     from layercap.evaluate import perplexity
 
-    calib = calibration_set(tok, kw["data"], nsamples=4, seqlen=32, seed=0)
+    calib = calibration_set(tok, kw["data"], nsamples=4, seqlen=32, seed=0, start_token=200)
     pruned = copy.deepcopy(model)
     prune_model(pruned, mdl.ratios, method="wanda", calib=calib, batch_size=4, progress=False)
     ppl = perplexity(pruned, tok, kw["ppl"][0], seqlen=64, max_tokens=200, progress=False)
@@ -153,7 +153,7 @@ def test_cli_compare_pruning(setup, capsys):
     rc = main([
         "compare-pruning", str(tmp / "m"), "--sparsity", "0.5", "--methods", "magnitude", "--rules", "uniform", "alphapruning",
         "--data", str(kw["data"]), "--nsamples", "4", "--seqlen", "32", "--ppl", str(kw["ppl"][0]), "--eval-seqlen", "64",
-        "--max-tokens", "200", "--tasks", str(kw["tasks"][0]), "-o", str(tmp / "cli"), "--quiet",
+        "--max-tokens", "200", "--start-token", "200", "--tasks", str(kw["tasks"][0]), "-o", str(tmp / "cli"), "--quiet",
     ])
     assert rc == 0
     assert "| alphapruning | magnitude | 0.5 |" in capsys.readouterr().out

@@ -42,6 +42,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PATH", help="calibration text (file or directory), shared by scores and pruners (required)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--start-token", type=int, default=0, metavar="N",
+                   help="draw calibration windows from token N on (hold out the first N for --ppl on the same text)")
     p.add_argument("--ppl", nargs="+", default=[], metavar="PATH", help="text file(s) for perplexity")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window (default 512, non-overlapping)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="perplexity on the first N tokens of each text")
@@ -76,7 +78,7 @@ def main(args) -> int:
         raise LayercapError("--data is required: pass calibration text, e.g. --data ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
     options = build_options(PruningSweepOptions, dict(
         model=args.model, rules=args.rules, methods=args.methods, sparsities=args.sparsity, data=args.data,
-        nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
+        nsamples=args.nsamples, seqlen=args.seqlen, start_token=args.start_token, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
         eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size, min_ratio=args.min_ratio,
         max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device, bos=args.bos,
         damage_levels=args.damage_levels, damage_nsamples=args.damage_nsamples, search_generations=args.search_generations,

@@ -76,6 +76,7 @@ class PruningSweepOptions:
     dtype: str = "float32"
     device: str = "cpu"
     bos: str = "auto"
+    start_token: int = 0
     damage_levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     damage_nsamples: int | None = None
     search_generations: int = 20
@@ -115,6 +116,11 @@ class PruningSweepOptions:
         for p in self.ppl:
             if not Path(p).is_file():
                 raise LayercapError(f"ppl {str(p)!r} is not a file.")
+            if Path(p).resolve() == Path(self.data).resolve() and (self.max_tokens is None or self.max_tokens > self.start_token):
+                raise LayercapError(
+                    f"ppl {str(p)!r} is also the calibration text: perplexity reads its first "
+                    f"{self.max_tokens or 'all'} tokens and calibration windows start at token {self.start_token}, so "
+                    "they would overlap; set max_tokens <= start_token (or use another text).")
         for t in self.tasks:
             if not Path(t).exists():
                 raise LayercapError(f"tasks {str(t)!r} does not exist.")
@@ -154,7 +160,7 @@ class _Sweep:
 
             o = self.options
             self._validation = calibration_set(self.tokenizer, o.data, nsamples=max(2, o.nsamples // 2), seqlen=o.seqlen,
-                                               seed=o.seed + 1, bos=self.calib.bos)
+                                               seed=o.seed + 1, bos=self.calib.bos, start_token=o.start_token)
         return self._validation
 
 
@@ -336,11 +342,12 @@ def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
     task_hashes = [load_task(t, limit=o.limit, seed=o.seed).sha256 for t in o.tasks]  # parse errors before any work
     out = check_run_dir(outdir, markers=("stages.json", RUN_FILE))
     model, tokenizer = load_model(o.model, dtype=o.dtype, device=o.device)
-    calib = calibration_set(tokenizer, o.data, nsamples=o.nsamples, seqlen=o.seqlen, seed=o.seed, bos=o.bos, model=model)
+    calib = calibration_set(tokenizer, o.data, nsamples=o.nsamples, seqlen=o.seqlen, seed=o.seed, bos=o.bos, model=model,
+                            start_token=o.start_token)
     settings = {
         "model": str(o.model), "model_fingerprint": model_fingerprint(o.model), "dtype": o.dtype, "data": str(o.data),
         "calibration_sha256": calib.sha256, "nsamples": o.nsamples, "seqlen": o.seqlen, "seed": o.seed,
-        "bos": calib.bos.to_dict(),
+        "start_token": o.start_token, "bos": calib.bos.to_dict(),
         "ppl": [str(p) for p in o.ppl], "ppl_sha256": [file_hash(p, "ppl") for p in o.ppl],
         "tasks": [str(t) for t in o.tasks], "task_sha256": task_hashes, "limit": o.limit, "eval_seqlen": o.eval_seqlen,
         "max_tokens": o.max_tokens, "min_ratio": o.min_ratio, "max_ratio": o.max_ratio,
