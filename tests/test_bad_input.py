@@ -30,6 +30,7 @@ def _write_inputs(d):
     d.mkdir()
     (d / "scores.json").write_text(json.dumps(_scores_doc()))
     (d / "text.txt").write_text(TEXT)
+    (d / "other.txt").write_text(TEXT[::-1])  # evaluation text apart from the calibration text
     (d / "task.jsonl").write_text("\n".join(json.dumps({"context": f"Question {i}?", "choices": [" yes", " no"], "label": i % 2})
                                             for i in range(6)) + "\n")
     (d / "bin.json").write_bytes(b'\x00\x01\x02{"layers": []}')
@@ -170,15 +171,15 @@ CASES = [
     ("run-output-is-file", ["run", "--set", "model.spec=tiny-llama", "-o", f"{O}/keep.txt"], r"exists and is not a directory"),
     ("run-foreign-folder", ["run", "--set", "model.spec=tiny-llama", "-o", O], r"holds files that layercap did not write"),
     # ---- compare-pruning
-    ("cmp-pruning-foreign-folder", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--nsamples", "2",
+    ("cmp-pruning-foreign-folder", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--nsamples", "2",
                                     "--seqlen", "16", "--rules", "uniform", "--methods", "magnitude", "-o", O], r"did not write"),
-    ("cmp-pruning-output-is-file", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--rules", "uniform",
+    ("cmp-pruning-output-is-file", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--rules", "uniform",
                                     "-o", f"{O}/keep.txt"], r"is not a directory"),
-    ("cmp-pruning-unknown-source", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--rules", "mdl:nope",
+    ("cmp-pruning-unknown-source", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--rules", "mdl:nope",
                                     "-o", f"{O}/c"], r"score method 'nope' is not available"),
-    ("cmp-pruning-binary-data", ["compare-pruning", TINY, "--data", f"{I}/bin.txt", "--ppl", f"{I}/text.txt", "--rules", "uniform",
+    ("cmp-pruning-binary-data", ["compare-pruning", TINY, "--data", f"{I}/bin.txt", "--ppl", f"{I}/other.txt", "--rules", "uniform",
                                  "--nsamples", "2", "--seqlen", "16", "-o", f"{O}/c"], r"binary content"),
-    ("cmp-pruning-sparsity-1", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/text.txt", "--sparsity", "1.0",
+    ("cmp-pruning-sparsity-1", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--sparsity", "1.0",
                                 "-o", f"{O}/c"], r"--sparsity: 1\.0 must lie in \(0, 1\)"),
     # ---- compare-allocation and finetune
     ("cmp-alloc-not-empty", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "--train", f"{I}/task.jsonl",

@@ -20,12 +20,12 @@ def test_embedded_default_lists_every_field_and_loads():
     assert config.model.spec == "smollm2"
     assert config.scoring.methods[:3] == ["gradnorm", "diag", "kfac"]
     assert config.allocation.budget == 120 and config.allocation.lower == 1
-    assert config.pruning.sparsity == 0.5 and config.pruning.apply == ["mdl", "uniform"]
+    assert config.pruning.sparsity == 0.5 and config.pruning.apply == ["mdl:obd", "uniform"]
 
 
 def test_roundtrip_through_dict_and_yaml(tmp_path):
     config = load_config(None, ["pruning.sparsity=0.6", "scoring.methods=[gradnorm,kfac]", "allocation.rules=[mdl,uniform]",
-                                "pruning.rules=[mdl,uniform]"])
+                                "pruning.rules=[mdl,uniform]", "pruning.apply=[mdl,uniform]"])
     again = PipelineConfig.from_dict(config.to_dict())
     assert again == config
     path = config.save(tmp_path / "c.yaml")

@@ -34,7 +34,6 @@ from layercap.apply.finetune import FinetuneOptions, check_counts_for
 from layercap.errors import LayercapError
 from layercap.experiments.common import (
     file_hash,
-    known_score_methods,
     machine,
     model_fingerprint,
     placeholder_scores,
@@ -68,9 +67,11 @@ class AllocationSweepOptions:
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
 
     def __post_init__(self) -> None:
+        from layercap.scores import available_methods
+
         if not (self.budget > 0):
             raise LayercapError(f"budget must be > 0, got {self.budget}.")
-        known = known_score_methods()
+        known = available_methods()
         specs = [parse_rule(r, "allocation", known_sources=known) for r in self.rules]
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
@@ -114,9 +115,6 @@ class _Sweep:
             self._base = load_model(self.options.model, dtype=self.options.dtype)
         return self._base
 
-    def upstream(self, *rels: str) -> dict[str, str]:
-        return {rel: self.runner.output_hash(rel) for rel in rels}
-
 
 def _score_rel(task: str, method: str) -> str:
     return "scores/alpha-hill.json" if method == "alpha-hill" else f"scores/{task}-{method}.json"
@@ -154,7 +152,7 @@ def plan(sw: _Sweep) -> list[Stage]:
             settings = {"rule": spec.label, "budget": o.budget, "beta": o.beta, "lower": o.min_units,
                         "adapter": o.finetune.adapter, "targets": o.finetune.targets, "model": model_fp}
             stages.append(Stage(f"allocation:{task}:{spec.label}",
-                                lambda ctx, s=settings, u=upstream: {**s, "upstream": ctx.upstream(*u)},
+                                lambda ctx, s=settings, u=upstream: {**s, "upstream": ctx.runner.upstream(*u)},
                                 lambda ctx, t=task, sp=spec, r=rel: _allocate(ctx, t, sp, r)))
     # seed outermost: an interrupted comparison has complete rule x task tables for its first seeds
     shared = {k: v for k, v in o.finetune.to_dict().items() if k not in ("seed", "progress")}
@@ -165,7 +163,7 @@ def plan(sw: _Sweep) -> list[Stage]:
                 inputs = {"options": shared, "seed": seed, "dtype": o.dtype, "model": model_fp,
                           "train": file_hash(train, "train"), "eval": file_hash(ev, "eval") if ev else None}
                 stages.append(Stage(f"finetune:{task}:{spec.label}:seed{seed}",
-                                    lambda ctx, i=inputs, a=_alloc_rel(task, spec): {**i, "upstream": ctx.upstream(a)},
+                                    lambda ctx, i=inputs, a=_alloc_rel(task, spec): {**i, "upstream": ctx.runner.upstream(a)},
                                     lambda ctx, t=task, tr=train, e=ev, sp=spec, s=seed, r=rel: _finetune(ctx, t, tr, e, sp, s, r)))
     return stages
 

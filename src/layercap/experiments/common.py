@@ -10,7 +10,6 @@ from typing import Any
 
 from layercap.errors import LayercapError
 from layercap.experiments.runner import hash_output
-from layercap.io import sha256_json
 
 VOLATILE_KEYS = frozenset({"timing", "timings", "wall_time_s", "seconds", "peak_memory_bytes"})
 
@@ -115,12 +114,6 @@ def compute_scores(model, method: str, calib, path: Path, *, batch_size: int = 4
     return [str(path)]
 
 
-def known_score_methods() -> list[str]:
-    from layercap.scores import available_methods
-
-    return available_methods()
-
-
 def machine() -> dict[str, Any]:
     import os
 
@@ -129,7 +122,3 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    return sha256_json(settings)

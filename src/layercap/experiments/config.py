@@ -152,8 +152,6 @@ class PruningConfig:
                      choices=RATIO_RULES, default_factory=lambda: ["mdl:obd", "mdl", "uniform", "owl", "alphapruning"])
     apply: list = _f("ratio rules actually pruned and evaluated (subset of `rules`)", kind="list", choices=RATIO_RULES,
                      default_factory=lambda: ["mdl:obd", "uniform"])
-    damage_levels: list = _f("ratios at which `mdl:obd` / `mdl:damage` evaluate each block's damage", kind="floats",
-                             default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sparsity: float = _f("global fraction of prunable weights removed", kind="float", lo=0.0, hi=1.0, default=0.5)
     mode: str = _f("MDL program: `exact` (meet the target) or `at-least` (the paper's literal program)",
                    choices=("exact", "at-least"), default="exact")
@@ -162,6 +160,8 @@ class PruningConfig:
     max_ratio: float = _f("highest per-block ratio rho_max", kind="float", lo=0.0, hi=1.0, default=0.95)
     method: str = _f("pruning criterion", choices=PRUNE_METHODS, default="wanda")
     structure: str = _f("`unstructured` or N:M, e.g. `2:4`", kind="structure", default="unstructured")
+    damage_levels: list = _f("ratios at which `mdl:obd` / `mdl:damage` evaluate each block's damage", kind="floats",
+                             default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     save_checkpoints: bool = _f("save each pruned model under `pruned/<rule>/` (false: re-prune in memory "
                                 "when evaluating, to save disk)", kind="bool", default=True)
     save_format: str = _f("format of the saved pruned checkpoints: `dense` safetensors, or `compressed-tensors` "

@@ -183,7 +183,6 @@ def finetune(
     """
     from layercap.data.tasks import load_task
 
-    options.validate()
     outdir = check_run_dir(outdir, markers=(RUN_FILE, RESULT_FILE, CHECKPOINTS))
     counts = check_counts_for(model, counts, options)
     train_task = load_task(train_path, limit=options.limit_train, seed=options.seed)

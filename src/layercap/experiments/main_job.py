@@ -68,10 +68,6 @@ class RunContext:
     def path(self, rel: str) -> Path:
         return self.run_dir / rel
 
-    def upstream(self, *rels: str) -> dict[str, str]:
-        """Recorded hashes of finished upstream artefacts (part of a stage's cache key)."""
-        return {rel: self.runner.output_hash(rel) for rel in rels}
-
 
 # ---- model ---------------------------------------------------------------------------------------
 def model_inputs(ctx: RunContext) -> dict[str, Any]:
@@ -158,7 +154,7 @@ def data_inputs(ctx: RunContext) -> dict[str, Any]:
     path = _existing(ctx.config.data_path(d.calibration), "data.calibration")
     return {"data": {"nsamples": d.nsamples, "seqlen": d.seqlen, "seed": d.seed, "bos": d.bos, "start_token": d.start_token},
             "file": hash_output(path),
-            "tokenizer": ctx.upstream(*(["model"] if is_tiny(ctx.config.model.spec) else ["model.json"]))}
+            "tokenizer": ctx.runner.upstream(*(["model"] if is_tiny(ctx.config.model.spec) else ["model.json"]))}
 
 
 def stage_data(ctx: RunContext) -> list[str]:
@@ -202,7 +198,7 @@ def load_calibration(ctx: RunContext):
 
 def _model_and_data(ctx: RunContext) -> dict[str, str]:
     rels = ["model.json", "data/data.json"] + (["model"] if is_tiny(ctx.config.model.spec) else [])
-    return ctx.upstream(*rels)
+    return ctx.runner.upstream(*rels)
 
 
 # ---- scoring ------------------------------------------------------------------------------------------
@@ -253,7 +249,7 @@ def rule_source(ctx: RunContext, program: str, rule: str) -> str:
 def allocation_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
     a = ctx.config.allocation
     fields_ = {k: getattr(a, k) for k in ("budget", "unit", "lower", "upper", "beta", "alpha", "integer")}
-    return {"rule": rule, "allocation": fields_, "upstream": ctx.upstream(f"scores/{rule_source(ctx, 'allocation', rule)}.json")}
+    return {"rule": rule, "allocation": fields_, "upstream": ctx.runner.upstream(f"scores/{rule_source(ctx, 'allocation', rule)}.json")}
 
 
 def stage_allocation(ctx: RunContext, rule: str) -> list[str]:
@@ -281,12 +277,12 @@ def ratios_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
     fields_ = {k: getattr(p, k) for k in ("sparsity", "mode", "eta", "min_ratio", "max_ratio")}
     spec = _pruning_spec(ctx, rule)
     if spec.source in DAMAGE_SOURCES:
-        upstream = ctx.upstream(f"damage/{spec.source}.json")
+        upstream = ctx.runner.upstream(f"damage/{spec.source}.json")
     elif spec.source == MEASURED:  # a search over the pruned model on the calibration windows
         fields_.update(method=p.method, structure=p.structure)
         upstream = _model_and_data(ctx)
     else:
-        upstream = ctx.upstream(f"scores/{rule_source(ctx, 'pruning', rule)}.json")
+        upstream = ctx.runner.upstream(f"scores/{rule_source(ctx, 'pruning', rule)}.json")
     return {"rule": rule, "pruning": fields_, "upstream": upstream}
 
 
@@ -361,7 +357,7 @@ def _with_prunable_params(ctx: RunContext, scores):
 def prune_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
     p = ctx.config.pruning
     return {"rule": rule, "method": p.method, "structure": p.structure, "save": p.save_checkpoints, "format": p.save_format,
-            "dtype": ctx.config.model.dtype, "upstream": {**_model_and_data(ctx), **ctx.upstream(f"ratios/{rule_file(rule)}.json")}}
+            "dtype": ctx.config.model.dtype, "upstream": {**_model_and_data(ctx), **ctx.runner.upstream(f"ratios/{rule_file(rule)}.json")}}
 
 
 def _prune_in_memory(ctx: RunContext, rule: str):
@@ -424,9 +420,9 @@ def eval_inputs(ctx: RunContext, variant: str) -> dict[str, Any]:
     for task in e.tasks:
         files[task] = hash_output(_existing(ctx.config.data_path(e.tasks_dir) / task, "evaluation.tasks"))
     if variant == "dense":
-        upstream = ctx.upstream(*(["model.json"] + (["model"] if is_tiny(ctx.config.model.spec) else [])))
+        upstream = ctx.runner.upstream(*(["model.json"] + (["model"] if is_tiny(ctx.config.model.spec) else [])))
     else:
-        upstream = ctx.upstream(f"pruned/{rule_file(variant)}.json",
+        upstream = ctx.runner.upstream(f"pruned/{rule_file(variant)}.json",
                                 *([f"pruned/{rule_file(variant)}"] if ctx.config.pruning.save_checkpoints else []),
                                 *(["eval/dense.json"] if ctx.config.evaluation.dense else []))
     fields_ = {k: getattr(e, k) for k in ("ppl_tokens", "ppl_seqlen", "limit")} | {"bos": ctx.config.data.bos}

@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from layercap.errors import LayercapError
-from layercap.experiments.common import check_device, file_hash, known_score_methods, model_fingerprint, prunable_scores
+from layercap.experiments.common import check_device, file_hash, model_fingerprint, prunable_scores
 from layercap.experiments.runner import Stage, StageRunner, check_run_dir, removed_on_failure, run_stages
 from layercap.io import atomic_write_json, sha256_json
 from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, RuleSpec, parse_rule
+from layercap.report.pruning_table import cell_id
 
 RUN_FILE = "run.json"
 
@@ -83,6 +84,8 @@ class PruningSweepOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from layercap.scores import available_methods
+
         from layercap.apply.prune import PRUNERS
         from layercap.data.bos import POLICIES
 
@@ -91,7 +94,7 @@ class PruningSweepOptions:
 
         from layercap.programs.damage import check_levels
 
-        known = known_score_methods() + list(DAMAGE_SOURCES)
+        known = available_methods() + list(DAMAGE_SOURCES)
         specs = [parse_rule(r, "pruning", known_sources=known) for r in self.rules]
         self.damage_levels = check_levels(self.damage_levels, "damage_levels")
         if self.damage_nsamples is not None and not (1 <= self.damage_nsamples <= self.nsamples):
@@ -118,9 +121,10 @@ class PruningSweepOptions:
                 raise LayercapError(f"ppl {str(p)!r} is not a file.")
             if Path(p).resolve() == Path(self.data).resolve() and (self.max_tokens is None or self.max_tokens > self.start_token):
                 raise LayercapError(
-                    f"ppl {str(p)!r} is also the calibration text: perplexity reads its first "
-                    f"{self.max_tokens or 'all'} tokens and calibration windows start at token {self.start_token}, so "
-                    "they would overlap; set max_tokens <= start_token (or use another text).")
+                    f"ppl {str(p)!r} is also the calibration text: perplexity reads "
+                    f"{'all its tokens' if self.max_tokens is None else f'its first {self.max_tokens} tokens'} and calibration "
+                    f"windows start at token {self.start_token}, so they would overlap; hold the evaluation tokens out "
+                    "(max_tokens <= start_token) or use another text.")
         for t in self.tasks:
             if not Path(t).exists():
                 raise LayercapError(f"tasks {str(t)!r} does not exist.")
@@ -144,9 +148,6 @@ class _Sweep:
     settings: dict[str, Any]
     log: Callable[[str], None]
     _validation: Any = None
-
-    def upstream(self, *rels: str) -> dict[str, str]:
-        return {rel: self.runner.output_hash(rel) for rel in rels}
 
     def eval_kwargs(self) -> dict[str, Any]:
         o = self.options
@@ -191,7 +192,7 @@ def plan(sw: _Sweep) -> list[Stage]:
                 ups = ["cells/dense.json"] + _source_files(spec, method)
                 if spec.source == MEASURED:
                     key["search"] = {"generations": o.search_generations} if spec.rule == "evopress" else {}
-                stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.upstream(*u)},
+                stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
                                     lambda ctx, sp=spec, m=method, s=sparsity: _cell(ctx, sp, m, s)))
     return stages
 
@@ -233,12 +234,6 @@ def _damage(sw: _Sweep, kind: str, method: str) -> list[str]:
     table.save(path)
     sw.log(f"{kind}:{method}: {time.perf_counter() - t0:.1f} s")
     return [rel]
-
-
-def cell_id(spec: RuleSpec, method: str, sparsity: float) -> str:
-    from layercap.report.pruning_table import cell_id as _cell_id
-
-    return _cell_id(spec, method, sparsity)
 
 
 def _dense(sw: _Sweep) -> list[str]:

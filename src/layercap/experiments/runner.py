@@ -229,6 +229,10 @@ class StageRunner:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def upstream(self, *rels: str) -> dict[str, str]:
+        """Recorded hashes of finished upstream artefacts (part of a later stage's cache key)."""
+        return {rel: self.output_hash(rel) for rel in rels}
+
     def output_hash(self, rel: str) -> str:
         """Hash of an output of a finished stage, as recorded (the upstream hash of later stages)."""
         for rec in self.manifest.stages.values():
