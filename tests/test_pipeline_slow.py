@@ -17,7 +17,7 @@ SMALL = [
     "model.device=cpu",
     "data.nsamples=2", "data.seqlen=64",
     "scoring.methods=[diag,owl]", "allocation.scores=diag", "pruning.scores=diag",
-    "allocation.rules=[mdl,uniform,mola-2468]", "pruning.rules=[mdl,uniform,owl]",
+    "allocation.rules=[mdl,uniform,mola-2468]", "pruning.rules=[mdl:obd,mdl,uniform,owl]",
     "allocation.budget=60",
     "pruning.save_checkpoints=false",  # the tiny end-to-end test covers saved checkpoints
     "evaluation.ppl_tokens=1024", "evaluation.tasks=[ARC-Easy]", "evaluation.limit=6",
@@ -39,17 +39,20 @@ def test_default_job_on_smollm2(shared_data, tmp_path):
         assert n.sum() == 60 and n.min() >= 1, rule
     prunable = np.array([b["prunable"] for b in model["blocks"]], dtype=float)
     for rule in config.pruning.rules:
-        rho = np.array([layer["ratio"] for layer in load(f"ratios/{rule}.json")["layers"]])
+        rho = np.array([layer["ratio"] for layer in load(f"ratios/{rule.replace(':', '-')}.json")["layers"]])
         assert abs(rho @ prunable / prunable.sum() - 0.5) < 1e-6, rule
-    mdl = np.array([layer["ratio"] for layer in load("ratios/mdl.json")["layers"]])
-    assert mdl.std() > 1e-3  # real scores differ across blocks, so MDL ratios are not uniform
+    for rule in ("mdl", "mdl-obd"):
+        mdl = np.array([layer["ratio"] for layer in load(f"ratios/{rule}.json")["layers"]])
+        assert mdl.std() > 1e-3, rule  # real scores / damage differ across blocks, so MDL ratios are not uniform
 
-    dense, pruned = load("eval/dense.json"), {r: load(f"eval/{r}.json") for r in ("mdl", "uniform")}
+    # the default job prunes with mdl:obd and uniform
+    dense, pruned = load("eval/dense.json"), {r: load(f"eval/{r}.json") for r in ("mdl-obd", "uniform")}
     ppl = dense["perplexity"]["wiki.test.raw"]
     assert 10 < ppl < 80  # data README: about 30 on 2048 tokens
     for rule, ev in pruned.items():
         assert ev["perplexity"]["wiki.test.raw"] > ppl, rule  # 50% pruning hurts
         assert abs(load(f"pruned/{rule}.json")["sparsity"] - 0.5) < 0.005
-    assert not (run_dir / "pruned/mdl").exists()  # save_checkpoints false
+    assert not (run_dir / "pruned/mdl-obd").exists()  # save_checkpoints false
     md = (run_dir / "report.md").read_text()
-    assert f"{ppl:.2f}" in md and "| mdl |" in md and "report_files/ratios.png" in md
+    assert f"{ppl:.2f}" in md and "| mdl:obd |" in md and "report_files/ratios.png" in md
+    assert "report_files/damage-obd.png" in md and "**Best rule: `" in md
