@@ -329,21 +329,15 @@ def damage_inputs(ctx: RunContext, kind: str) -> dict[str, Any]:
 def stage_damage(ctx: RunContext, kind: str) -> list[str]:
     """Damage curves of every block under ``pruning.method``: the KL measured when each block alone
     is pruned (``damage``), or the free second-order (OBD, diagonal Fisher) estimate (``obd``)."""
-    from layercap.apply.prune.damage import curvature_stats, damage_curves
+    from layercap.apply.prune.damage import damage_table
 
     p = ctx.config.pruning
     model, _ = load_run_model(ctx, with_tokenizer=False)
-    calib = load_calibration(ctx)
     rel = f"damage/{kind}.json"
     ctx.path("damage").mkdir(parents=True, exist_ok=True)
-    bs = ctx.config.scoring.batch_size
-    if kind == "obd":
-        curv = curvature_stats(model, calib, ("diag",), batch_size=bs)
-        table = damage_curves(model, calib, p.damage_levels, p.method, structure=p.structure, curvature=curv, measure=False,
-                              batch_size=bs, model_id=ctx.config.model.spec)
-    else:
-        table = damage_curves(model, calib, p.damage_levels, p.method, structure=p.structure, batch_size=bs,
-                              checkpoint=str(ctx.path(rel)) + ".partial", model_id=ctx.config.model.spec)
+    table = damage_table(model, load_calibration(ctx), kind, p.damage_levels, p.method, structure=p.structure,
+                         batch_size=ctx.config.scoring.batch_size, checkpoint=str(ctx.path(rel)) + ".partial",
+                         model_id=ctx.config.model.spec)
     table.save(ctx.path(rel))
     return [rel]
 

@@ -212,7 +212,7 @@ def _damage_rel(kind: str, method: str) -> str:
 
 def _damage(sw: _Sweep, kind: str, method: str) -> list[str]:
     """The damage table of ``method`` pruning: measured KL per (block, level), or OBD estimates only."""
-    from layercap.apply.prune.damage import curvature_stats, damage_curves
+    from layercap.apply.prune.damage import damage_table
     from layercap.data.calibration import CalibrationSet
 
     o = sw.options
@@ -224,13 +224,8 @@ def _damage(sw: _Sweep, kind: str, method: str) -> list[str]:
     path = sw.out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if kind == "obd":
-        curv = curvature_stats(sw.model, calib, ("diag",), batch_size=o.batch_size)
-        table = damage_curves(sw.model, calib, o.damage_levels, method, curvature=curv, measure=False,
-                              batch_size=o.batch_size, progress=o.progress, model_id=str(o.model))
-    else:
-        table = damage_curves(sw.model, calib, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
-                              checkpoint=str(path) + ".partial", model_id=str(o.model))
+    table = damage_table(sw.model, calib, kind, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
+                         checkpoint=str(path) + ".partial", model_id=str(o.model))
     table.save(path)
     sw.log(f"{kind}:{method}: {time.perf_counter() - t0:.1f} s")
     return [rel]

@@ -32,7 +32,6 @@ whose quadratic form is the second-order expansion of the same KL, so the units 
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -372,3 +371,21 @@ def damage_curves(
                            for kind in table.obd}
     table.validate()
     return table
+
+
+def damage_table(model: nn.Module, calib: CalibrationSet, kind: str, levels: Sequence[float] = DEFAULT_LEVELS,
+                 method: str = "wanda", *, structure: str = "unstructured", batch_size: int = 4,
+                 checkpoint: str | Path | None = None, progress: bool = True, model_id: str | None = None) -> DamageTable:
+    """The table a damage rule reads: ``damage`` = the KL measured when each block alone is pruned
+    (resumable from ``checkpoint``), ``obd`` = its free second-order estimate only (diagonal Fisher,
+    no pruned forward passes). The model is unchanged."""
+    from layercap.programs.rules import DAMAGE_SOURCES
+
+    if kind not in DAMAGE_SOURCES:
+        raise LayercapError(f"damage kind {kind!r} is unknown; use one of {', '.join(DAMAGE_SOURCES)}.")
+    if kind == "obd":
+        curv = curvature_stats(model, calib, ("diag",), batch_size=batch_size)
+        return damage_curves(model, calib, levels, method, structure=structure, curvature=curv, measure=False,
+                             batch_size=batch_size, progress=progress, model_id=model_id)
+    return damage_curves(model, calib, levels, method, structure=structure, batch_size=batch_size, progress=progress,
+                         checkpoint=checkpoint, model_id=model_id)
