@@ -29,7 +29,8 @@ run: $(STAMP)
 	$(VENV)/bin/layercap run $(RUN_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	# one module per worker: module-scoped fixtures (a loaded model, its scores, a tiny run) are built once
+	$(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
