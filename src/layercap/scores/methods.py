@@ -85,9 +85,20 @@ def diag_piece(g: torch.Tensor, fisher: torch.Tensor) -> Piece:
 
 
 def eig_psd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of a symmetric PSD matrix in float64 (negatives from rounding -> 0)."""
+    """Eigen-decomposition of a symmetric PSD matrix in float64 (negatives from rounding -> 0).
+
+    On CPU it runs through SciPy's LAPACK (divide and conquer, the same algorithm as
+    ``torch.linalg.eigh``): measured about 2x faster than torch's build for the 1536 x 1536
+    factors of SmolLM2's MLPs, which are most of a K-FAC pass's time. On GPU, torch."""
     m = m.double()
-    s, u = torch.linalg.eigh(0.5 * (m + m.T))
+    m = 0.5 * (m + m.T)
+    if m.device.type == "cpu":
+        import scipy.linalg
+
+        s, u = scipy.linalg.eigh(m.numpy(), driver="evd", check_finite=False)
+        s, u = torch.from_numpy(s), torch.from_numpy(u)
+    else:
+        s, u = torch.linalg.eigh(m)
     return s.clamp_min(0), u
 
 
