@@ -91,6 +91,18 @@ def test_every_allocation_rule_spends_the_same_budget(rule):
     assert p.spent <= 400 and 400 - p.spent < costs.max() + 1e-9
 
 
+def test_adversarial_puts_everything_above_the_floor_in_the_three_lowest_gain_layers():
+    s = S([5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 2.0, 6.0])
+    a = allocation_by_rule("adversarial", s, 40, lower=1)
+    # the 5 other layers at the floor, 35 units over layers 1, 3, 5 (largest remainder: shallow first)
+    assert n_of(a) == [1, 12, 1, 12, 1, 11, 1, 1]
+    assert a.spent == 40
+    b = allocation_by_rule("adversarial", s, 30, lower=0)
+    assert n_of(b) == [0, 10, 0, 10, 0, 10, 0, 0]
+    # the same budget as uniform, and a different (worse by construction) place for it
+    assert allocation_by_rule("uniform", s, 40, lower=1).spent == a.spent
+
+
 def test_costs_params_and_file_costs():
     s = S([1.0, 2.0], params=[10, 20])
     a = allocation_by_rule("uniform", s, 90, costs="params", lower=0)

@@ -1,7 +1,8 @@
 """`layercap compare-allocation`: fine-tune the same adapter under several allocation rules.
 
 Every rule gets the same total budget, training data, steps and seeds; rules are ``RULE`` or
-``RULE:METHOD`` (``mdl:kfac``, ``mdl:diag``). The sweep is a plan of stages on the one runner
+``RULE:METHOD`` (``mdl:kfac``, ``mdl:diag``). A ``--train`` file may be a text corpus (``.txt``:
+language-modelling adaptation scored by the NLL of its held-out last part; its ``--eval`` is ``-``). The sweep is a plan of stages on the one runner
 (:mod:`layercap.experiments.allocation_sweep`): ``--resume`` continues it, rerunning exactly the
 stages whose settings changed.
 """
@@ -26,7 +27,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=(
             "Fine-tune the same adapter (LoRA-MoE experts or LoRA rank units per block) under several "
             "allocation rules with one total budget, on the same data and seeds; report mean +- std "
-            "accuracy per rule and task. Resumable per (task, rule, seed) cell."
+            "held-out NLL (and accuracy) per rule, task and adapter. Resumable per (task, adapter, rule, seed) cell."
         ),
     )
     p.add_argument("model", help="model: smollm2, a save_pretrained directory, or a .gguf file")
@@ -34,6 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rules", nargs="+", required=True,
                    help="rules, RULE or RULE:METHOD (e.g. uniform mola-2468 mola-8642 alphalora layerif mdl:diag mdl:kfac)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; default 0")
+    p.add_argument("--adapters", nargs="+", default=None, help="compare several adapters (moe lora); overrides --adapter")
     p.add_argument("--beta", type=float, default=0.9, help="score exponent of mdl/layerif/alphalora; default 0.9")
     p.add_argument("--lower", type=int, default=None, help="minimum units per block (default 1 for moe, 0 for lora)")
     p.add_argument("--calib-nsamples", type=int, default=32, help="calibration windows for scoring; default 32")
@@ -53,7 +55,8 @@ def main(args) -> int:
     options = build_options(AllocationSweepOptions, dict(
         model=args.model, budget=args.budget, rules=args.rules, train=args.train, eval=args.eval, seeds=args.seeds,
         beta=args.beta, lower=args.lower, calib_nsamples=args.calib_nsamples, calib_seqlen=args.calib_seqlen,
-        calib_batch_size=args.calib_batch_size, dtype=args.dtype, finetune=options_from_args(args, args.seeds[0])), flags={"model": "MODEL"})
+        calib_batch_size=args.calib_batch_size, dtype=args.dtype, finetune=options_from_args(args, args.seeds[0]),
+        adapters=args.adapters or []), flags={"model": "MODEL"})
     command = "layercap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     comparison, summary = run_allocation_sweep(options, args.output, resume=args.resume, command=command)
     print(markdown_table(comparison))

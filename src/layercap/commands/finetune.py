@@ -18,10 +18,11 @@ def add_training_args(p: argparse.ArgumentParser, per_task: bool = False) -> Non
 
     add_fields(p, FinetuneOptions, only=FinetuneOptions.cli_fields())
     many = {"nargs": "+"} if per_task else {}
-    p.add_argument("--train", required=True, help="training task file (e.g. ../shared/data/tasks/ARC-Easy/train.json)"
+    p.add_argument("--train", required=True, help="training task file (e.g. ../shared/data/tasks/ARC-Easy/train.json) or "
+                   "text corpus (.txt/.raw: language modelling, NLL on its held-out last part)"
                    + (", one per task" if per_task else ""), **many)
     p.add_argument("--eval", default=[] if per_task else None, help="evaluation task file or directory"
-                   + (", one per --train file" if per_task else " (optional)"), **many)
+                   + (", one per --train file (- for a text corpus)" if per_task else " (optional; none for a text corpus)"), **many)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype; default float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

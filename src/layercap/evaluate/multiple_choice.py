@@ -59,6 +59,9 @@ class TaskResult:
     sha256: str
     template: str = ""
     bos: dict | None = None
+    # answer-token NLL of the correct choice, nats per continuation token (sum over items of
+    # -log p(correct continuation) / its token count summed over items): a continuous metric
+    nll: float | None = None
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:
@@ -259,11 +262,20 @@ def evaluate_task(
     choice = as_bos_choice(bos, tokenizer, model)
     groups = [it.requests() for it in task.items]
     scores = _score_groups(model, tokenizer, groups, batch_size, device, progress, task.name, share=share_context, bos=choice)
+    return task_result(task, scores, tokenizer, choice)
+
+
+def task_result(task: Task, logliks: list[list[float]], tokenizer, bos: BosChoice) -> TaskResult:
+    """The TaskResult of ``task`` from every item's per-choice log-likelihoods (nats)."""
     accs, norms = [], []
-    for it, lls in zip(task.items, scores):
+    nll, tokens = 0.0, 0
+    for it, lls in zip(task.items, logliks):
         acc, norm = item_metrics(lls, it)
         accs.append(acc)
         norms.append(norm)
+        context, continuation = it.requests()[it.label]
+        nll -= lls[it.label]
+        tokens += len(encode_pair(tokenizer, context, continuation, bos)[1])
     n = len(accs)
     return TaskResult(
         name=task.name,
@@ -276,5 +288,6 @@ def evaluate_task(
         source=task.source,
         sha256=task.sha256,
         template=task.template,
-        bos=choice.to_dict(),
+        bos=bos.to_dict(),
+        nll=nll / tokens if tokens else None,
     )

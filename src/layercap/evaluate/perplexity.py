@@ -162,3 +162,29 @@ def perplexity(
         sha256=sha256_bytes(tokens.numpy().tobytes() + choice.hash_tag),
         bos=choice.to_dict(),
     )
+
+
+def windows_nll(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = False,
+                desc: str = "held-out NLL") -> dict:
+    """Mean next-token NLL (nats/token) over every target of the windows ``input_ids``
+    (LongTensor (n, seqlen); positions 1..seqlen-1 are targets, position 0 context).
+
+    Returns ``{"nll_per_token", "ppl", "tokens", "windows"}``."""
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise LayercapError(f"need windows of shape (n, seqlen >= 2), got {tuple(input_ids.shape)}.")
+    dev = _device_of(model, None)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    bar = tqdm(total=input_ids.shape[0], desc=desc, unit="win", disable=not progress, leave=False)
+    try:
+        for s in range(0, input_ids.shape[0], batch_size):
+            chunk = input_ids[s : s + batch_size].to(dev)
+            for nll, n in token_nll(model, chunk, [1] * chunk.shape[0]):
+                total, count = total + nll, count + n
+            bar.update(chunk.shape[0])
+    finally:
+        bar.close()
+        model.train(was_training)
+    mean = total / count
+    return {"nll_per_token": mean, "ppl": math.exp(mean), "tokens": count, "windows": int(input_ids.shape[0])}

@@ -7,8 +7,6 @@ each choice separately (:func:`layercap.evaluate.multiple_choice.loglikelihoods`
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -17,21 +15,12 @@ def score_shared_prefix(model, tokenizer, task, batch_size: int = 8, progress: b
 
     See :func:`shared_prefix_logliks`. Returns a ``TaskResult``.
     """
-    import statistics
-
-    from layercap.evaluate.multiple_choice import TaskResult, item_metrics
-
     from layercap.data.bos import as_bos_choice
+    from layercap.evaluate.multiple_choice import task_result
 
     bos = as_bos_choice(bos, tokenizer, model)
     lls = shared_prefix_logliks(model, tokenizer, task, batch_size=batch_size, progress=progress, bos=bos)
-    metrics = [item_metrics(ll, it) for ll, it in zip(lls, task.items)]
-    accs, norms = [m[0] for m in metrics], [m[1] for m in metrics]
-    n = len(accs)
-    se = lambda xs: statistics.stdev(xs) / math.sqrt(n) if n > 1 else float("nan")  # noqa: E731
-    return TaskResult(name=task.name, acc=sum(accs) / n, acc_norm=sum(norms) / n, acc_stderr=se(accs),
-                      acc_norm_stderr=se(norms), n=n, chance=task.chance, source=task.source, sha256=task.sha256,
-                      template=task.template, bos=bos.to_dict())
+    return task_result(task, lls, tokenizer, bos)
 
 
 @torch.inference_mode()

@@ -1,12 +1,17 @@
-"""The allocation sweep (``layercap compare-allocation``): the same adapter under several
+"""The allocation sweep (``layercap compare-allocation``): each adapter under several
 allocation rules with one total budget, on the same data and seeds, as stages of the one runner.
+
+A task is a task file (instruction fine-tuning, scored on its eval file: answer-token NLL and
+accuracy) or a text corpus (``.txt``/``.raw``: language-modelling adaptation, scored by the NLL
+of its held-out last part, :mod:`layercap.data.domain`).
 
 Stages (names; artefacts relative to OUTDIR)::
 
-    scores:<task>:<method>          scores/<task>-<method>.json   (alpha-hill: scores/alpha-hill.json,
-                                                                  weights only, shared by the tasks)
-    allocation:<task>:<rule>        allocations/<task>/<rule>.json
-    finetune:<task>:<rule>:seed<s>  runs/<task>/<rule>/seed<s>/   (finetune.json, adapter/)
+    scores:<task>:<method>                    scores/<task>-<method>.json   (alpha-hill: scores/alpha-hill.json,
+                                                                            weights only, shared by the tasks)
+    baseline:<task>                           baselines/<task>.json  (the unadapted model's nll / acc)
+    allocation:<task>:<adapter>:<rule>        allocations/<task>/<adapter>/<rule>.json
+    finetune:<task>:<adapter>:<rule>:seed<s>  runs/<task>/<adapter>/<rule>/seed<s>/   (finetune.json, adapter/)
 
 Each stage's cache key holds everything it depends on (settings, input file hashes, upstream
 artefact hashes), so a changed setting reruns exactly the stages it reaches (a new budget:
@@ -14,7 +19,8 @@ allocations and fine-tuning, not scores) and an unchanged one reruns nothing. A 
 stage interrupted mid-training continues from its last checkpoint only when it is restarted
 with the same key; otherwise its folder (written by this sweep) is cleared first. Scores are
 computed on calibration windows cut from the task's training examples (rendered in the
-fine-tuning template); ``influence`` gets the other half of the examples as validation.
+fine-tuning template) or from the text's training part; ``influence`` gets other training
+windows as validation. No evaluation token is ever used to score or decide.
 
 After the stages, ``comparison.json`` (``layercap.allocation_comparison/v1``), ``.csv``, ``.md``
 and ``.png`` are rewritten from the finished cells.
@@ -46,10 +52,12 @@ from layercap.programs.rules import RuleSpec, parse_rule
 class AllocationSweepOptions:
     """Settings of one allocation comparison; validated on construction (errors name fields).
 
-    ``train``/``eval``: one task file per task, paired by position (``eval`` may be empty).
-    ``budget``: total units (experts or rank units) over all blocks. ``lower``: minimum units per
-    block (None: 1 for moe, 0 for lora). ``finetune``: the training settings every cell shares
-    (its ``seed`` is replaced by each of ``seeds``).
+    ``train``/``eval``: one task file or text corpus per task, paired by position (``eval`` may
+    be empty; ``-`` for a text corpus, which is scored on its own held-out part).
+    ``budget``: total units (experts or rank units) over all blocks, the same for every rule and
+    adapter. ``adapters``: the adapters to compare (empty: ``finetune.adapter``). ``lower``:
+    minimum units per block (None: 1 for moe, 0 for lora). ``finetune``: the training settings
+    every cell shares (its ``seed`` and ``adapter`` are replaced per cell).
     """
 
     model: str
@@ -65,8 +73,11 @@ class AllocationSweepOptions:
     calib_batch_size: int = 4
     dtype: str = "float32"
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    adapters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from layercap.apply.finetune.adapters import ADAPTERS
+        from layercap.data.domain import is_text_corpus
         from layercap.scores import available_methods
 
         if not (self.budget > 0):
@@ -85,7 +96,18 @@ class AllocationSweepOptions:
                 raise LayercapError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.lower is not None and self.lower < 0:
             raise LayercapError(f"lower must be >= 0, got {self.lower}.")
-        for p in list(self.train) + list(self.eval):
+        self.adapters = list(self.adapters) or [self.finetune.adapter]
+        for a in self.adapters:
+            if a not in ADAPTERS:
+                raise LayercapError(f"adapters: {a!r} is unknown; use {', '.join(ADAPTERS)}.")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise LayercapError(f"adapters lists an adapter twice ({self.adapters}).")
+        self.eval = [None if e in (None, "-", "") else e for e in self.eval]
+        for i, p in enumerate(self.train):
+            if is_text_corpus(p) and self.eval and self.eval[i] is not None:
+                raise LayercapError(f"eval: {self.eval[i]} is paired with the text corpus {p}, which is scored on its own "
+                                    "held-out part; pass - in its place.")
+        for p in list(self.train) + [e for e in self.eval if e is not None]:
             if not Path(p).exists():
                 raise LayercapError(f"task file {p} does not exist.")
 
@@ -93,9 +115,14 @@ class AllocationSweepOptions:
     def specs(self) -> list[RuleSpec]:
         return [parse_rule(r, "allocation") for r in self.rules]
 
-    @property
-    def min_units(self) -> int:
-        return self.lower if self.lower is not None else (1 if self.finetune.adapter == "moe" else 0)
+    def min_units(self, adapter: str) -> int:
+        return self.lower if self.lower is not None else (1 if adapter == "moe" else 0)
+
+    def finetune_for(self, adapter: str, seed: int | None = None) -> FinetuneOptions:
+        d = {**self.finetune.to_dict(), "adapter": adapter}
+        if seed is not None:
+            d["seed"] = seed
+        return FinetuneOptions.from_dict(d)
 
 
 @dataclass
@@ -116,16 +143,31 @@ class _Sweep:
         return self._base
 
 
+def task_name(path: str) -> str:
+    """A task's name: the task file's (``ARC-Easy``), or a text corpus's folder or stem (``tinyshakespeare``)."""
+    from layercap.data.domain import is_text_corpus
+    from layercap.data.tasks import load_task
+
+    if is_text_corpus(path):
+        p = Path(path)
+        return p.parent.name if p.stem.lower() in ("input", "train", "text", "data") else p.stem
+    return load_task(path, limit=1).name
+
+
 def _score_rel(task: str, method: str) -> str:
     return "scores/alpha-hill.json" if method == "alpha-hill" else f"scores/{task}-{method}.json"
 
 
-def _alloc_rel(task: str, spec: RuleSpec) -> str:
-    return f"allocations/{task}/{spec.dirname}.json"
+def _alloc_rel(task: str, adapter: str, spec: RuleSpec) -> str:
+    return f"allocations/{task}/{adapter}/{spec.dirname}.json"
 
 
-def _cell_rel(task: str, spec: RuleSpec, seed: int) -> str:
-    return f"runs/{task}/{spec.dirname}/seed{seed}"
+def _cell_rel(task: str, adapter: str, spec: RuleSpec, seed: int) -> str:
+    return f"runs/{task}/{adapter}/{spec.dirname}/seed{seed}"
+
+
+def _baseline_rel(task: str) -> str:
+    return f"baselines/{task}.json"
 
 
 def plan(sw: _Sweep) -> list[Stage]:
@@ -145,63 +187,105 @@ def plan(sw: _Sweep) -> list[Stage]:
                 inputs.update(train=file_hash(train, "train"), calibration=calib_key)
             name = "scores:alpha-hill" if spec.source == "alpha-hill" else f"scores:{task}:{spec.source}"
             stages.append(Stage(name, lambda ctx, i=inputs: i, lambda ctx, t=task, tr=train, m=spec.source, r=rel: _score(ctx, t, tr, m, r)))
+    eval_options = {k: o.finetune.to_dict()[k] for k in ("limit_eval", "max_length", "heldout_fraction", "eval_format", "bos")}
+    for task, train, ev in sw.tasks:
+        inputs = {"model": model_fp, "dtype": o.dtype, "train": file_hash(train, "train"),
+                  "eval": file_hash(ev, "eval") if ev else None, "options": eval_options}
+        stages.append(Stage(f"baseline:{task}", lambda ctx, i=inputs: i,
+                            lambda ctx, t=task, tr=train, e=ev: _baseline(ctx, t, tr, e)))
     for task, train, _ in sw.tasks:
-        for spec in o.specs:
-            rel = _alloc_rel(task, spec)
-            upstream = [_score_rel(task, spec.source)] if spec.source else []
-            settings = {"rule": spec.label, "budget": o.budget, "beta": o.beta, "lower": o.min_units,
-                        "adapter": o.finetune.adapter, "targets": o.finetune.targets, "model": model_fp}
-            stages.append(Stage(f"allocation:{task}:{spec.label}",
-                                lambda ctx, s=settings, u=upstream: {**s, "upstream": ctx.runner.upstream(*u)},
-                                lambda ctx, t=task, sp=spec, r=rel: _allocate(ctx, t, sp, r)))
+        for adapter in o.adapters:
+            for spec in o.specs:
+                rel = _alloc_rel(task, adapter, spec)
+                upstream = [_score_rel(task, spec.source)] if spec.source else []
+                ft = o.finetune_for(adapter)
+                settings = {"rule": spec.label, "budget": o.budget, "beta": o.beta, "lower": o.min_units(adapter),
+                            "adapter": adapter, "targets": ft.targets, "rank": ft.rank, "model": model_fp}
+                stages.append(Stage(f"allocation:{task}:{adapter}:{spec.label}",
+                                    lambda ctx, s=settings, u=upstream: {**s, "upstream": ctx.runner.upstream(*u)},
+                                    lambda ctx, t=task, a=adapter, sp=spec, r=rel: _allocate(ctx, t, a, sp, r)))
     # seed outermost: an interrupted comparison has complete rule x task tables for its first seeds
-    shared = {k: v for k, v in o.finetune.to_dict().items() if k not in ("seed", "progress")}
     for seed in o.seeds:
         for task, train, ev in sw.tasks:
-            for spec in o.specs:
-                rel = _cell_rel(task, spec, seed)
-                inputs = {"options": shared, "seed": seed, "dtype": o.dtype, "model": model_fp,
-                          "train": file_hash(train, "train"), "eval": file_hash(ev, "eval") if ev else None}
-                stages.append(Stage(f"finetune:{task}:{spec.label}:seed{seed}",
-                                    lambda ctx, i=inputs, a=_alloc_rel(task, spec): {**i, "upstream": ctx.runner.upstream(a)},
-                                    lambda ctx, t=task, tr=train, e=ev, sp=spec, s=seed, r=rel: _finetune(ctx, t, tr, e, sp, s, r)))
+            for adapter in o.adapters:
+                shared = {k: v for k, v in o.finetune_for(adapter).to_dict().items() if k not in ("seed", "progress")}
+                for spec in o.specs:
+                    rel = _cell_rel(task, adapter, spec, seed)
+                    inputs = {"options": shared, "seed": seed, "dtype": o.dtype, "model": model_fp,
+                              "train": file_hash(train, "train"), "eval": file_hash(ev, "eval") if ev else None}
+                    stages.append(Stage(f"finetune:{task}:{adapter}:{spec.label}:seed{seed}",
+                                        lambda ctx, i=inputs, al=_alloc_rel(task, adapter, spec): {**i, "upstream": ctx.runner.upstream(al)},
+                                        lambda ctx, t=task, tr=train, e=ev, a=adapter, sp=spec, s=seed, r=rel:
+                                        _finetune(ctx, t, tr, e, a, sp, s, r)))
     return stages
 
 
-def _score(sw: _Sweep, task: str, train: str, method: str, rel: str) -> list[str]:
+def _calibration(sw: _Sweep, train: str):
+    """(calibration, validation) windows for scoring: from the task's rendered training examples,
+    or from a text's training part (never its held-out part)."""
+    from layercap.data.bos import resolve_bos
+    from layercap.data.domain import domain_split, is_text_corpus
     from layercap.data.instruction import instruction_calibration
-    from layercap.experiments.common import compute_scores
 
     o = sw.options
     model, tokenizer = sw.base()
+    bos = resolve_bos(o.finetune.bos, tokenizer, model)
+    if is_text_corpus(train):
+        split = domain_split(tokenizer, train, o.calib_seqlen, o.finetune.heldout_fraction, bos=bos)
+        return split.calibration(o.calib_nsamples), split.calibration(o.calib_nsamples, offset=0.5)
+    return instruction_calibration(tokenizer, Path(train), o.calib_nsamples, o.calib_seqlen, bos=bos)
+
+
+def _score(sw: _Sweep, task: str, train: str, method: str, rel: str) -> list[str]:
+    from layercap.experiments.common import compute_scores
+
+    o = sw.options
+    model, _ = sw.base()
     calib = validation = None
     if method != "alpha-hill":
-        from layercap.data.bos import resolve_bos
-
-        bos = resolve_bos(o.finetune.bos, tokenizer, model)
-        calib, validation = instruction_calibration(tokenizer, Path(train), o.calib_nsamples, o.calib_seqlen, bos=bos)
+        calib, validation = _calibration(sw, train)
         print(f"scoring {method} on {train} ({o.calib_nsamples} x {o.calib_seqlen} tokens)", file=sys.stderr)
     compute_scores(model, method, calib, sw.out / rel, batch_size=o.calib_batch_size,
                    progress=o.finetune.progress, validation=validation,
-                   metadata={"calibration": "task training examples (fine-tuning template)"} if calib is not None else None)
+                   metadata={"calibration": "task training examples or the text's training part"} if calib is not None else None)
     return [rel]
 
 
-def _allocate(sw: _Sweep, task: str, spec: RuleSpec, rel: str) -> list[str]:
+def _baseline(sw: _Sweep, task: str, train: str, ev: str | None) -> list[str]:
+    """The unadapted model on the cells' evaluation data: the scale every reduction is read against."""
+    from layercap.experiments.finetune_job import evaluate_adapter, training_data
+    from layercap.evaluate.perplexity import windows_nll
+    from layercap.io import atomic_write_json
+
+    o = sw.options
+    model, tokenizer = sw.base()
+    _, split, tasks = training_data(model, tokenizer, train, ev, o.finetune)
+    results = evaluate_adapter(model, tokenizer, tasks, o.finetune)
+    head = results.get("instruction") or results.get("zero-shot")
+    if split is not None:
+        results["heldout"] = windows_nll(model, split.heldout, o.finetune.eval_batch_size)
+    nll = results["heldout"]["nll_per_token"] if split is not None else (head or {}).get("nll")
+    atomic_write_json(sw.out / _baseline_rel(task), {"task": task, "nll": nll, "acc": head["acc"] if head else None,
+                                                     "eval": results})
+    return [_baseline_rel(task)]
+
+
+def _allocate(sw: _Sweep, task: str, adapter: str, spec: RuleSpec, rel: str) -> list[str]:
     from layercap.programs.rules import allocation_by_rule
     from layercap.scorefile import LayerScores
 
     o = sw.options
     model, _ = sw.base()
     scores = LayerScores.load(sw.out / _score_rel(task, spec.source)) if spec.source else placeholder_scores(model)
-    alloc = allocation_by_rule(spec.rule, scores, o.budget, beta=o.beta, lower=o.min_units, integer=True,
-                               unit="experts" if o.finetune.adapter == "moe" else "rank")
-    check_counts_for(model, {k: int(v) for k, v in alloc.counts().items()}, o.finetune)
+    alloc = allocation_by_rule(spec.rule, scores, o.budget, beta=o.beta, lower=o.min_units(adapter), integer=True,
+                               unit="experts" if adapter == "moe" else "rank")
+    check_counts_for(model, {k: int(v) for k, v in alloc.counts().items()}, o.finetune_for(adapter))
     alloc.save(sw.out / rel)
     return [rel]
 
 
-def _finetune(sw: _Sweep, task: str, train: str, ev: str | None, spec: RuleSpec, seed: int, rel: str) -> list[str]:
+def _finetune(sw: _Sweep, task: str, train: str, ev: str | None, adapter: str, spec: RuleSpec, seed: int,
+              rel: str) -> list[str]:
     from layercap.experiments.finetune_job import finetune
     from layercap.programs.records import Allocation
 
@@ -209,13 +293,12 @@ def _finetune(sw: _Sweep, task: str, train: str, ev: str | None, spec: RuleSpec,
     if cell.exists() and not sw.runner.resuming:
         # written by this sweep under other settings (or an unfinished run of them): start afresh
         shutil.rmtree(cell)
-    alloc = Allocation.load(sw.out / _alloc_rel(task, spec))
+    alloc = Allocation.load(sw.out / _alloc_rel(task, adapter, spec))
     counts = {k: int(v) for k, v in alloc.counts().items()}
-    options = FinetuneOptions.from_dict({**sw.options.finetune.to_dict(), "seed": seed})
     model, tokenizer = sw.base()
-    print(f"{task} {spec.label} seed {seed}: units {list(counts.values())}", file=sys.stderr)
-    finetune(copy.deepcopy(model), tokenizer, counts, train, cell, options, eval_path=ev, allocation=alloc.to_dict(),
-             resume=sw.runner.resuming)
+    print(f"{task} {adapter} {spec.label} seed {seed}: units {list(counts.values())}", file=sys.stderr)
+    finetune(copy.deepcopy(model), tokenizer, counts, train, cell, sw.options.finetune_for(adapter, seed), eval_path=ev,
+             allocation=alloc.to_dict(), resume=sw.runner.resuming)
     return [rel]
 
 
@@ -228,8 +311,6 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
     An OUTDIR that holds files is used only with ``resume`` and only if this sweep wrote it
     (it has the runner's ``stages.json``); nothing else in it is touched.
     """
-    from layercap.data.tasks import load_task
-
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise LayercapError(f"output {out} is a file; pass a directory.")
@@ -238,7 +319,7 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
             raise LayercapError(f"{out} is not empty; pass --resume to continue that comparison, or choose a new -o.")
         if not (out / MANIFEST).is_file():
             raise LayercapError(f"{out} holds files that no layercap sweep wrote ({MANIFEST} is missing); choose a new -o.")
-    names = [load_task(t, limit=1).name for t in options.train]
+    names = [task_name(t) for t in options.train]
     if len(set(names)) != len(names):
         raise LayercapError(f"two train files have the same task name {names}; use one file per task.")
     evals = list(options.eval) or [None] * len(options.train)
@@ -263,29 +344,40 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
 def collect(sw: _Sweep, wall_time_s: float, command: str):
     """The comparison record from the finished stages' artefacts."""
     from layercap.experiments.finetune_job import FinetuneResult
+    from layercap.io import read_json
     from layercap.programs.records import Allocation
     from layercap.report.allocation_table import AllocationComparison, Cell
-    from layercap.report.statistics import paired_differences, summarise
+    from layercap.report.statistics import paired_differences, separation, summarise
 
     o = sw.options
     labels = [s.label for s in o.specs]
-    task_names = [t for t, _, _ in sw.tasks]
     cells = []
     allocations: dict[str, dict[str, list[int]]] = {}
     for task, _, _ in sw.tasks:
-        allocations[task] = {s.label: [int(v) for v in Allocation.load(sw.out / _alloc_rel(task, s)).counts().values()]
-                             for s in o.specs}
+        for adapter in o.adapters:
+            allocations[f"{task}/{adapter}"] = {
+                s.label: [int(v) for v in Allocation.load(sw.out / _alloc_rel(task, adapter, s)).counts().values()]
+                for s in o.specs}
     for seed in o.seeds:
         for task, _, _ in sw.tasks:
-            for spec in o.specs:
-                res = FinetuneResult.load(sw.out / _cell_rel(task, spec, seed) / "finetune.json")
-                cells.append(Cell(task, spec.label, seed, res.acc, res.acc_norm,
-                                  res.train_loss[-1]["lm_loss"] if res.train_loss else None, res.train_time_s,
-                                  allocations[task][spec.label], res.eval, res.wall_time_s))
+            for adapter in o.adapters:
+                for spec in o.specs:
+                    res = FinetuneResult.load(sw.out / _cell_rel(task, adapter, spec, seed) / "finetune.json")
+                    cells.append(Cell(task, spec.label, seed, res.acc, res.acc_norm,
+                                      res.train_loss[-1]["lm_loss"] if res.train_loss else None, res.train_time_s,
+                                      allocations[f"{task}/{adapter}"][spec.label], res.eval, res.wall_time_s,
+                                      adapter=adapter, nll=res.nll))
+    baselines = {}
+    for task, _, _ in sw.tasks:
+        b = read_json(sw.out / _baseline_rel(task), "baseline record", "rerun the comparison with --resume")
+        baselines[task] = {"nll": b.get("nll"), "acc": b.get("acc")}
+    bad = [s.label for s in o.specs if s.rule == "adversarial"]
     return AllocationComparison(
         model=str(model_fingerprint(o.model).get("source", o.model)), budget=o.budget, rules=labels,
         tasks=[{"name": n, "train": str(t), "eval": str(e) if e else None} for n, t, e in sw.tasks],
-        seeds=list(o.seeds), options={k: v for k, v in o.finetune.to_dict().items() if k not in ("seed", "progress")},
-        cells=cells, summary=summarise(cells, labels, task_names), paired=paired_differences(cells, labels, task_names),
+        seeds=list(o.seeds), options={k: v for k, v in o.finetune.to_dict().items() if k not in ("seed", "progress", "adapter")},
+        cells=cells, summary=summarise(cells, labels), paired=paired_differences(cells, labels),
         allocations=allocations, wall_time_s=wall_time_s, machine=machine(), command=command,
+        adapters=list(o.adapters), separation=separation(cells, bad[0]) if bad and "uniform" in labels else [],
+        baselines=baselines,
     )

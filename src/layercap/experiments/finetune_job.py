@@ -11,7 +11,16 @@ validates everything before the first write, trains with
     run_config.json   the settings of the run (written before training; a resume must match)
     checkpoints/      Trainer checkpoints (removed at the end of a successful run)
 
-Evaluation (``eval_format``):
+Training data: a task file (JSON/JSONL/TSV of (prompt, answer) items, rendered with the
+instruction template, loss on the answer tokens), or a text corpus (``.txt``/``.raw``: language
+modelling, :mod:`layercap.data.domain`): its last ``heldout_fraction`` of tokens is held out,
+the rest cut into training windows, loss on every token.
+
+``nll`` (the headline continuous metric, nats per token): for a text corpus the NLL of the
+held-out windows; for a task the answer-token NLL of the correct answer on the eval items in
+the trained instruction format.
+
+Evaluation (``eval_format``, task files):
   * ``instruction``: the trained format. Each item's prompt is rendered with the instruction
     template and the candidate answers "the correct answer is answer1" .. "answerN" (or
     true/false) are scored by log-likelihood. This is what fine-tuning changes, so it is the
@@ -63,6 +72,7 @@ class FinetuneResult:
     eval: dict[str, dict] = field(default_factory=dict)
     acc: float | None = None
     acc_norm: float | None = None
+    nll: float | None = None
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
     seed: int = 0
@@ -125,6 +135,36 @@ def eval_tasks_for(eval_path, options: FinetuneOptions) -> dict[str, Any]:
     return tasks
 
 
+def training_data(model, tokenizer, train_path, eval_path, options: FinetuneOptions):
+    """(encoded training examples, the DomainSplit of a text corpus or None, eval tasks by format).
+
+    Everything is read and checked here, before a run writes anything."""
+    from layercap.data.bos import resolve_bos
+    from layercap.data.domain import domain_split, is_text_corpus
+    from layercap.data.instruction import encode_example
+    from layercap.data.tasks import load_task, subset_indices
+
+    bos = resolve_bos(options.bos, tokenizer, model)
+    if is_text_corpus(train_path):
+        from layercap.models.checks import check_seqlen
+
+        if eval_path is not None:
+            raise LayercapError(f"{train_path} is a text corpus: it is evaluated on its own held-out part (the last "
+                                f"heldout_fraction of its tokens); drop the eval file.")
+        check_seqlen(model, options.max_length)
+        split = domain_split(tokenizer, train_path, options.max_length, options.heldout_fraction,
+                             heldout_windows=options.limit_eval, bos=bos)
+        examples = split.examples()
+        examples = [examples[i] for i in subset_indices(len(examples), options.limit_train, options.seed)]
+        return examples, split, {}
+    train_task = load_task(train_path, limit=options.limit_train, seed=options.seed)
+    pairs = train_task.training_examples()
+    if not all(p and a for p, a in pairs):
+        raise LayercapError(f"{train_path}: some items have no (prompt, answer) form for fine-tuning; use a task file.")
+    examples = [encode_example(tokenizer, p, a, options.max_length, bos) for p, a in pairs]
+    return examples, None, eval_tasks_for(eval_path, options)
+
+
 def evaluate_adapter(model: nn.Module, tokenizer, tasks: dict[str, Any], options: FinetuneOptions) -> dict[str, dict]:
     """Accuracy per evaluation format (``TaskResult`` dicts)."""
     from layercap.evaluate.multiple_choice import evaluate_task
@@ -181,15 +221,9 @@ def finetune(
     ``model`` is modified in place (adapters injected). Everything is validated before the first
     write. ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. to stop early in tests).
     """
-    from layercap.data.tasks import load_task
-
     outdir = check_run_dir(outdir, markers=(RUN_FILE, RESULT_FILE, CHECKPOINTS))
     counts = check_counts_for(model, counts, options)
-    train_task = load_task(train_path, limit=options.limit_train, seed=options.seed)
-    pairs = train_task.training_examples()
-    if not all(p and a for p, a in pairs):
-        raise LayercapError(f"{train_path}: some items have no (prompt, answer) form for fine-tuning; use a task file.")
-    tasks = eval_tasks_for(eval_path, options)
+    dataset, split, tasks = training_data(model, tokenizer, train_path, eval_path, options)
     run_config = {"options": {k: v for k, v in options.to_dict().items() if k != "progress"}, "counts": counts,
                   "train": str(train_path), "eval": str(eval_path) if eval_path else None}
     resume_from, finished = resume_point(outdir, run_config, resume)
@@ -200,8 +234,13 @@ def finetune(
     created = not outdir.exists()
     try:
         atomic_write_json(outdir / RUN_FILE, run_config)
-        trained = train_adapter(model, tokenizer, counts, pairs, outdir / CHECKPOINTS, options, resume_from, callbacks)
+        trained = train_adapter(model, tokenizer, counts, dataset, outdir / CHECKPOINTS, options, resume_from, callbacks)
         results = evaluate_adapter(trained.model, tokenizer, tasks, options)
+        if split is not None:
+            from layercap.evaluate.perplexity import windows_nll
+
+            results["heldout"] = {**windows_nll(trained.model, split.heldout, options.eval_batch_size,
+                                                options.progress), "data": split.metadata()}
     except Exception:
         # a failed first attempt leaves nothing that would block the corrected rerun (an
         # interruption keeps its checkpoints for --resume)
@@ -209,11 +248,12 @@ def finetune(
             shutil.rmtree(outdir, ignore_errors=True)
         raise
     head = results.get("instruction") or results.get("zero-shot")
+    nll = results["heldout"]["nll_per_token"] if split is not None else (head or {}).get("nll")
     result = FinetuneResult(
         model_source=model_source(model), adapter=options.adapter, allocation=allocation or {"counts": counts},
         options=run_config["options"], steps=trained.steps, train_examples=trained.train_examples,
         train_source=str(train_path), trainable_params=trained.trainable_params, train_loss=trained.curve,
-        eval=results, acc=head["acc"] if head else None, acc_norm=head["acc_norm"] if head else None,
+        eval=results, acc=head["acc"] if head else None, acc_norm=head["acc_norm"] if head else None, nll=nll,
         wall_time_s=time.perf_counter() - started, train_time_s=trained.train_time_s, seed=options.seed,
         resumed_from=trained.resumed_from,
     )

@@ -22,6 +22,9 @@ n_k is floored and the leftover budget goes one unit at a time to the largest fr
   ones). With K = 32, B = 160, the lower bound 1: mola-2468 gives 2,4,6,8 experts per layer in
   the four quarters exactly (8 x (2+4+6+8) = 160); other budgets scale the pattern.
 - mdl: the program (integer.py / allocation.py).
+- adversarial: the benchmark's control, a deliberately bad allocation: every unit above the
+  lower bounds goes to the ADVERSARIAL_BLOCKS layers with the lowest gain q_k (w_k = 1 there,
+  0 elsewhere, the shared rounding), so it spends the same budget as every other rule.
 
 Pruning baselines, all rescaled so that the parameter-weighted mean ratio equals the target
 exactly (sum N_k rho_k = s sum N_k, after clipping to [min_ratio, max_ratio]):
@@ -56,6 +59,7 @@ from layercap.scorefile import LayerScores
 MOLA_PATTERNS = {"mola-2468": (2, 4, 6, 8), "mola-8642": (8, 6, 4, 2), "mola-5555": (5, 5, 5, 5)}
 OWL_LAMBDA = 0.08
 ALPHA_EPS = 0.3
+ADVERSARIAL_BLOCKS = 3
 # a rule's `source`: None (reads no scores: the decision scores give only the layer names and
 # sizes), CURVATURE (the zeta^2 estimator the user picks, e.g. mdl:kfac), or a score method name
 CURVATURE = "curvature"
@@ -395,6 +399,14 @@ register_allocation_rule("proportional", _scaled(lambda q, beta: q), CURVATURE, 
 for _pattern in MOLA_PATTERNS:
     register_allocation_rule(_pattern, _scaled(lambda q, beta, _p=_pattern: mola_weights(_p, len(q))), None,
                              f"MoLA depth-quarter pattern {MOLA_PATTERNS[_pattern]}")
+def _adversarial_weights(q, beta):
+    w = np.zeros(len(q))
+    w[np.argsort(q, kind="stable")[:ADVERSARIAL_BLOCKS]] = 1.0
+    return w
+
+
+register_allocation_rule("adversarial", _scaled(_adversarial_weights), CURVATURE,
+                         f"control: the budget in the {ADVERSARIAL_BLOCKS} layers of lowest zeta^2")
 register_allocation_rule("layerif", _scaled(lambda q, beta: q ** beta), "influence", "LayerIF influence^beta")
 register_allocation_rule("alphalora", _scaled(lambda q, beta: q ** beta), "alpha-hill", "AlphaLoRA heavy-tail alpha^beta")
 

@@ -1,5 +1,9 @@
 """The allocation comparison's record (``layercap.allocation_comparison/v1``) and its renderings:
-Markdown table, CSV summary and a PNG (accuracy per rule and task; units per block)."""
+Markdown tables, CSV summary and a PNG (held-out NLL per rule, task and adapter; units per block).
+
+``cells`` holds one record per (task, adapter, rule, seed) with ``nll`` (held-out NLL, nats per
+token: the text's held-out windows, or the correct answer's tokens of a task's eval items) and
+``acc`` where defined, so a script can recompute every table from it."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ SCHEMA = "layercap.allocation_comparison/v1"
 
 @dataclass
 class Cell:
-    """One (task, rule, seed) fine-tuning result; accuracies in [0, 1]."""
+    """One (task, adapter, rule, seed) fine-tuning result; accuracies in [0, 1], nll in nats/token."""
 
     task: str
     rule: str
@@ -29,6 +33,8 @@ class Cell:
     counts: list[int]
     eval: dict = field(default_factory=dict)
     wall_time_s: float = 0.0  # the cell's whole finetune run (training + evaluation), seconds
+    adapter: str = ""
+    nll: float | None = None
 
 
 @dataclass
@@ -48,6 +54,9 @@ class AllocationComparison:
     wall_time_s: float
     machine: dict[str, Any]
     command: str
+    adapters: list[str] = field(default_factory=list)
+    separation: list[dict[str, Any]] = field(default_factory=list)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> the unadapted model's nll/acc
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:
@@ -71,37 +80,70 @@ class AllocationComparison:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def _pm(row, key, scale=1.0, digits=3):
+    if row is None or f"{key}_mean" not in row:
+        return "-"
+    return f"{scale * row[key + '_mean']:.{digits}f} ± {scale * row[key + '_std']:.{digits}f}"
+
+
 def markdown_table(c: AllocationComparison) -> str:
-    tasks = [t["name"] for t in c.tasks] + (["mean"] if len(c.tasks) > 1 else [])
-    by = {(r["rule"], r["task"]): r for r in c.summary}
-    lines = ["| rule | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    """One row per rule; per (task, adapter) the held-out NLL (and accuracy where defined)."""
+    from layercap.report.statistics import groups_of
+
+    groups = groups_of(c.cells)
+    by = {(r["task"], r.get("adapter", ""), r["rule"]): r for r in c.summary}
+    has_acc = {g: any(by.get((*g, rule), {}).get("acc_mean") is not None for rule in c.rules) for g in groups}
+    head = []
+    for task, adapter in groups:
+        head.append(f"{task} {adapter} NLL")
+        if has_acc[(task, adapter)]:
+            head.append(f"{task} {adapter} acc %")
+    lines = ["| rule | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for rule in c.rules:
         row = []
-        for t in tasks:
-            r = by.get((rule, t))
-            row.append(f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f}" if r else "-")
+        for g in groups:
+            r = by.get((*g, rule))
+            row.append(_pm(r, "nll"))
+            if has_acc[g]:
+                row.append(_pm(r, "acc", 100.0, 1))
         lines.append(f"| {rule} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def write_outputs(c: AllocationComparison, out: Path) -> None:
     c.save(out / "comparison.json")
-    header = ["task", "rule", "n_seeds", "acc_mean", "acc_std", "acc_norm_mean", "acc_norm_std", "final_loss_mean", "final_loss_std"]
+    header = ["task", "adapter", "rule", "n_seeds", "nll_mean", "nll_std", "acc_mean", "acc_std", "acc_norm_mean",
+              "acc_norm_std", "final_loss_mean", "final_loss_std"]
     atomic_write_csv(out / "comparison.csv", header, [[r.get(h, "") for h in header] for r in c.summary])
     md = [f"# Allocation comparison on {c.model}", "",
-          f"Budget {c.budget:g} units, seeds {c.seeds}, adapter {c.options.get('adapter')} "
+          f"Budget {c.budget:g} units, seeds {c.seeds}, adapters {', '.join(c.adapters) or c.options.get('adapter')} "
           f"(rank {c.options.get('rank')}, top-k {c.options.get('top_k')}), max steps {c.options.get('max_steps')}, "
           f"batch {c.options.get('batch_size')}, lr {c.options.get('lr')}, max length {c.options.get('max_length')}, "
-          f"eval limit {c.options.get('limit_eval')}, eval format {c.options.get('eval_format')}.", "",
-          "Accuracy (%), mean ± sample std over seeds:", "", markdown_table(c), "",
-          "Paired differences acc(MDL) - acc(other) in points (same seed: same data order and init); "
-          "'beyond noise' when |mean| > 2 standard errors:", "",
-          "| mdl | other | task | diff | se | beyond noise |", "|---|---|---|---|---|---|"]
+          f"eval limit {c.options.get('limit_eval')}.", "",
+          "Held-out NLL (nats/token; lower is better) and accuracy (%), mean ± sample std over seeds:", "",
+          markdown_table(c), ""]
+    if c.baselines:
+        md += ["Unadapted model: " + "; ".join(f"{t} NLL {b['nll']:.3f}" + (f", acc {100 * b['acc']:.1f} %" if b.get("acc") is not None else "")
+                                               for t, b in c.baselines.items()), ""]
+    if c.separation:
+        md += ["Separation check (the control `adversarial` against uniform): gap = NLL(adversarial) - NLL(uniform), "
+               "against 3 x the larger seed std:", "", "| task | adapter | gap | seed std | gap / std | separates |",
+               "|---|---|---|---|---|---|"]
+        for x in c.separation:
+            ratio = "-" if x["gap_over_std"] is None else f"{x['gap_over_std']:.1f}"
+            md.append(f"| {x['task']} | {x['adapter']} | {x['gap']:+.4f} | {x['seed_std']:.4f} | {ratio} | "
+                      f"{'yes' if x['separates'] else 'no'} |")
+        md.append("")
+    md += ["Paired differences metric(MDL) - metric(other) (same seed: same data order and init; NLL in nats/token, "
+           "accuracy in points); 'beyond noise' when |mean| > 2 standard errors:", "",
+           "| mdl | other | task | adapter | metric | diff | se | mdl better | beyond noise |", "|---|---|---|---|---|---|---|---|---|"]
     for p in c.paired:
-        se = "-" if p["diff_se"] is None else f"{100 * p['diff_se']:.1f}"
+        scale, digits = (100.0, 1) if p["metric"] == "acc" else (1.0, 4)
+        se = "-" if p["diff_se"] is None else f"{scale * p['diff_se']:.{digits}f}"
         verdict = "n/a (one seed)" if p["diff_se"] is None else ("yes" if p["beyond_2se"] else "no")
-        md.append(f"| {p['mdl']} | {p['other']} | {p['task']} | {100 * p['diff_mean']:+.1f} | {se} | {verdict} |")
-    md += ["", "Experts per block (first task):", ""]
+        md.append(f"| {p['mdl']} | {p['other']} | {p['task']} | {p.get('adapter', '')} | {p['metric']} | "
+                  f"{scale * p['diff_mean']:+.{digits}f} | {se} | {'yes' if p['better'] else 'no'} | {verdict} |")
+    md += ["", "Units per block (first task, first adapter):", ""]
     first = next(iter(c.allocations.values()), {})
     for rule, ns in first.items():
         md.append(f"- {rule}: {ns}")
@@ -121,30 +163,35 @@ def plot(c: AllocationComparison) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t["name"] for t in c.tasks]
+    from layercap.report.statistics import groups_of
+
+    groups = groups_of(c.cells)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    by = {(r["rule"], r["task"]): r for r in c.summary}
+    by = {(r["task"], r.get("adapter", ""), r["rule"]): r for r in c.summary}
     width = 0.8 / max(1, len(c.rules))
     for j, rule in enumerate(c.rules):
         xs, ms, ss = [], [], []
-        for i, t in enumerate(tasks):
-            r = by.get((rule, t))
-            if r:
+        for i, g in enumerate(groups):
+            r = by.get((*g, rule))
+            base = by.get((*g, "uniform"))
+            if r and "nll_mean" in r:
                 xs.append(i + j * width)
-                ms.append(100 * r["acc_mean"])
-                ss.append(100 * r["acc_std"])
+                # relative to uniform, so groups with different NLL scales share one axis
+                ms.append(r["nll_mean"] - (base["nll_mean"] if base and "nll_mean" in base else 0.0))
+                ss.append(r["nll_std"])
         axes[0].bar(xs, ms, width, yerr=ss, capsize=3, label=rule)
-    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
-    axes[0].set_ylabel("accuracy (%)")
-    axes[0].set_title(f"accuracy, mean ± std over seeds {c.seeds}")
-    axes[0].legend(fontsize=8)
+    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{t}\n{a}" for t, a in groups])
+    axes[0].axhline(0.0, color="k", lw=0.6)
+    axes[0].set_ylabel("held-out NLL - uniform's (nats/token)")
+    axes[0].set_title(f"held-out NLL, mean ± std over seeds {c.seeds}")
+    axes[0].legend(fontsize=7)
     first = next(iter(c.allocations.values()), {})
     for rule, ns in first.items():
         axes[1].plot(range(len(ns)), ns, marker="o", ms=3, label=rule)
     axes[1].set_xlabel("block")
     axes[1].set_ylabel("experts / rank units")
-    axes[1].set_title(f"allocation ({tasks[0] if tasks else ''}), budget {c.budget:g}")
-    axes[1].legend(fontsize=8)
+    axes[1].set_title(f"allocation ({next(iter(c.allocations), '')}), budget {c.budget:g}")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -1,8 +1,16 @@
-"""Statistics over seeds: mean and sample standard deviation, per-rule summaries, paired differences."""
+"""Statistics over seeds: mean and sample standard deviation, per-rule summaries, paired
+differences, and the allocation benchmark's separation check.
+
+Cells are grouped by (task, adapter); a cell has ``task``, ``adapter``, ``rule``, ``seed`` and the
+metrics ``acc`` (higher is better) and ``nll`` (nats/token, lower is better), either may be None.
+"""
 
 from __future__ import annotations
 
 import math
+
+METRICS = ("acc", "nll")
+LOWER_IS_BETTER = {"acc": False, "nll": True}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -13,51 +21,73 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, s
 
 
-def summarise(cells, rules: list[str], tasks: list[str]) -> list[dict]:
-    """Per (task, rule), and per rule averaged over tasks (task \"mean\"): mean +- std over seeds."""
+def groups_of(cells) -> list[tuple[str, str]]:
+    """The (task, adapter) groups in first-seen order."""
+    seen: dict[tuple[str, str], None] = {}
+    for c in cells:
+        seen.setdefault((c.task, getattr(c, "adapter", "")), None)
+    return list(seen)
+
+
+def _values(cells, task, adapter, rule, metric) -> dict[int, float]:
+    return {c.seed: getattr(c, metric) for c in cells
+            if c.task == task and getattr(c, "adapter", "") == adapter and c.rule == rule and getattr(c, metric) is not None}
+
+
+def summarise(cells, rules: list[str]) -> list[dict]:
+    """Per (task, adapter, rule): n_seeds and mean +- std over seeds of acc, acc_norm, nll, final loss."""
     rows = []
-    for task in tasks + ["mean"]:
+    for task, adapter in groups_of(cells):
         for rule in rules:
-            if task == "mean":
-                # per seed, the mean over tasks; then mean/std over seeds
-                seeds = sorted({c.seed for c in cells if c.rule == rule})
-                per_seed = []
-                for s in seeds:
-                    vals = [c.acc for c in cells if c.rule == rule and c.seed == s and c.acc is not None]
-                    if len(vals) == len(tasks):
-                        per_seed.append(sum(vals) / len(vals))
-                accs, norms, losses = per_seed, [], []
-            else:
-                sel = [c for c in cells if c.rule == rule and c.task == task and c.acc is not None]
-                accs = [c.acc for c in sel]
-                norms = [c.acc_norm for c in sel]
-                losses = [c.final_lm_loss for c in sel if c.final_lm_loss is not None]
-            if not accs:
+            sel = [c for c in cells if c.task == task and getattr(c, "adapter", "") == adapter and c.rule == rule]
+            if not sel:
                 continue
-            m, s = mean_std(accs)
-            row = {"task": task, "rule": rule, "n_seeds": len(accs), "acc_mean": m, "acc_std": s}
-            if norms:
-                row["acc_norm_mean"], row["acc_norm_std"] = mean_std(norms)
-            if losses:
-                row["final_loss_mean"], row["final_loss_std"] = mean_std(losses)
+            row = {"task": task, "adapter": adapter, "rule": rule, "n_seeds": len(sel)}
+            for key, attr in (("acc", "acc"), ("acc_norm", "acc_norm"), ("nll", "nll"), ("final_loss", "final_lm_loss")):
+                vals = [getattr(c, attr) for c in sel if getattr(c, attr, None) is not None]
+                if vals:
+                    row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals)
             rows.append(row)
     return rows
 
 
-def paired_differences(cells, rules: list[str], tasks: list[str]) -> list[dict]:
-    """For each mdl rule vs each other rule and task: mean and std error of acc(mdl) - acc(other)
-    over seeds (same seed = same data order and adapter init), and whether |mean| > 2 se."""
+def paired_differences(cells, rules: list[str], metrics=METRICS) -> list[dict]:
+    """For each mdl rule vs each other rule, (task, adapter) and metric: mean and standard error
+    of metric(mdl) - metric(other) over seeds (same seed = same data order and adapter init);
+    ``better``: the difference is in the metric's good direction; ``beyond_2se``: |mean| > 2 se."""
     out = []
-    acc = {(c.task, c.rule, c.seed): c.acc for c in cells if c.acc is not None}
-    for mdl in [r for r in rules if r.startswith("mdl")]:
-        for other in [r for r in rules if r != mdl]:
-            for task in tasks:
-                diffs = [acc[(task, mdl, s)] - acc[(task, other, s)] for (t, r, s) in acc
-                         if t == task and r == mdl and (task, other, s) in acc]
-                if not diffs:
-                    continue
-                m, sd = mean_std(diffs)
-                se = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else None  # undefined for one seed
-                out.append({"mdl": mdl, "other": other, "task": task, "n": len(diffs), "diff_mean": m,
-                            "diff_se": se, "beyond_2se": bool(len(diffs) > 1 and abs(m) > 2 * se)})
+    for task, adapter in groups_of(cells):
+        for metric in metrics:
+            for mdl in [r for r in rules if r.startswith("mdl")]:
+                mine = _values(cells, task, adapter, mdl, metric)
+                for other in [r for r in rules if r != mdl]:
+                    theirs = _values(cells, task, adapter, other, metric)
+                    diffs = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
+                    if not diffs:
+                        continue
+                    m, sd = mean_std(diffs)
+                    se = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else None  # undefined for one seed
+                    out.append({"mdl": mdl, "other": other, "task": task, "adapter": adapter, "metric": metric,
+                                "n": len(diffs), "diff_mean": m, "diff_se": se,
+                                "better": bool(m < 0) if LOWER_IS_BETTER[metric] else bool(m > 0),
+                                "beyond_2se": bool(len(diffs) > 1 and abs(m) > 2 * se)})
+    return out
+
+
+def separation(cells, bad: str, reference: str = "uniform", metric: str = "nll", factor: float = 3.0) -> list[dict]:
+    """Does the benchmark tell a bad allocation from ``reference``? Per (task, adapter): the gap
+    mean(bad) - mean(reference) in the metric's bad direction, against ``factor`` x the larger of
+    the two rules' seed standard deviations (``separates``)."""
+    out = []
+    for task, adapter in groups_of(cells):
+        b = list(_values(cells, task, adapter, bad, metric).values())
+        r = list(_values(cells, task, adapter, reference, metric).values())
+        if not b or not r:
+            continue
+        (mb, sb), (mr, sr) = mean_std(b), mean_std(r)
+        gap = (mb - mr) if LOWER_IS_BETTER[metric] else (mr - mb)
+        noise = max(sb, sr)
+        out.append({"task": task, "adapter": adapter, "metric": metric, "bad": bad, "reference": reference,
+                    "gap": gap, "seed_std": noise, "gap_over_std": gap / noise if noise > 0 else None,
+                    "separates": bool(len(b) > 1 and len(r) > 1 and gap > factor * noise)})
     return out

@@ -37,8 +37,9 @@ class FinetuneOptions:
     batch_size: int = _opt(8, "training batch size")
     max_length: int = _opt(256, "max tokens per training example")
     seed: int = _opt(0, "seed of adapter init and data order", cli=False)
-    limit_train: int | None = _opt(None, "train on a seeded random subset of N examples")
-    limit_eval: int | None = _opt(None, "evaluate on a fixed random subset of N items (seed 0)")
+    limit_train: int | None = _opt(None, "train on a seeded random subset of N examples (text: N windows)")
+    limit_eval: int | None = _opt(None, "evaluate on a fixed random subset of N items (seed 0); text: the first N held-out windows")
+    heldout_fraction: float = _opt(0.1, "text training files (.txt/.raw): the last share of the text's tokens held out for NLL")
     eval_batch_size: int = _opt(8, "evaluation batch size")
     eval_format: str = _opt("instruction", "score the trained instruction format, the harness zero-shot prompts, or both",
                             choices=EVAL_FORMATS)
@@ -72,6 +73,7 @@ class FinetuneOptions:
             (self.limit_eval is None or self.limit_eval >= 1, f"limit_eval must be >= 1, got {self.limit_eval}"),
             (self.save_steps is None or self.save_steps >= 1, f"save_steps must be >= 1, got {self.save_steps}"),
             (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}"),
+            (0.0 < self.heldout_fraction < 1.0, f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}"),
         ]
         for ok, msg in checks:
             if not ok:

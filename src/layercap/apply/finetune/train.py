@@ -1,4 +1,4 @@
-"""One adapter training run: inject the adapter, train on (prompt, answer) pairs, return it.
+"""One adapter training run: inject the adapter, train on encoded examples, return it.
 
 Training runs in ``transformers.Trainer`` (linear LR decay, AdamW, seeded data order) with
 checkpoints under ``checkpoints``; ``resume_from`` (a complete ``checkpoint-N``) restores the
@@ -21,8 +21,6 @@ from torch import nn
 from layercap.apply.finetune.adapters import attach_adapter, check_counts_for
 from layercap.apply.finetune.options import FinetuneOptions
 from layercap.apply.finetune.trainer import Collator, make_trainer_class, quiet_logs, training_args
-from layercap.data.bos import resolve_bos
-from layercap.data.instruction import encode_example
 from layercap.models.source import model_source
 
 
@@ -48,12 +46,14 @@ def train_steps(n_examples: int, options: FinetuneOptions) -> int:
     return max(1, math.ceil(math.ceil(n_examples / options.batch_size) * options.epochs))
 
 
-def train_adapter(model: nn.Module, tokenizer, counts: dict[str, int], pairs: list[tuple[str, str]],
+def train_adapter(model: nn.Module, tokenizer, counts: dict[str, int], dataset: list[dict[str, list[int]]],
                   checkpoints: Path, options: FinetuneOptions, resume_from: Path | None = None,
                   callbacks: list | None = None) -> TrainedAdapter:
     """Inject ``options.adapter`` with per-block ``counts`` into ``model`` (in place) and train it.
 
-    ``pairs``: (prompt, answer) training examples, rendered with the instruction template.
+    ``dataset``: encoded examples ``{"input_ids", "labels"}`` (labels -100 where nothing is
+    predicted): :func:`layercap.data.instruction.encode_example` for (prompt, answer) pairs,
+    :meth:`layercap.data.domain.DomainSplit.examples` for text windows.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. to stop early in tests).
     """
     counts = check_counts_for(model, counts, options)
@@ -62,8 +62,6 @@ def train_adapter(model: nn.Module, tokenizer, counts: dict[str, int], pairs: li
     if moe_config is not None:
         moe_config.model_source = model_source(model)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    bos = resolve_bos(options.bos, tokenizer, model)
-    dataset = [encode_example(tokenizer, p, a, options.max_length, bos) for p, a in pairs]
     steps = train_steps(len(dataset), options)
     trainer = make_trainer_class()(
         model=train_model, args=training_args(checkpoints, options, steps), train_dataset=dataset,
