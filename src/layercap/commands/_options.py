@@ -60,3 +60,17 @@ def build_options(cls, values: dict[str, Any], flags: dict[str, str] | None = No
         text = re.sub(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")\b",
                       lambda m: flags.get(m.group(1), flag(m.group(1))), str(exc), count=1)
         raise LayercapError(text) from exc
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """True when the user typed the option ``dest`` (not just its default); see ``cli.given_dests``.
+    Called outside the CLI (no record of what was typed), nothing counts as given."""
+    return dest in (getattr(args, "_given", None) or ())
+
+
+def refuse_ignored(args: argparse.Namespace, dests: dict[str, str], reason: str, fix: str) -> None:
+    """Refuse the options among ``dests`` (dest -> flag) that the user gave although the chosen
+    setting ignores them (``reason``): the user meant something the program would not do."""
+    typed = [flag for dest, flag in dests.items() if given(args, dest)]
+    if typed:
+        raise LayercapError(f"{', '.join(typed)}: ignored {reason}; {fix}.")

@@ -112,7 +112,11 @@ class _Sweep:
         if self._base is None:
             from layercap.models import load_model
 
+            from layercap.models.checks import check_seqlen
+
             self._base = load_model(self.options.model, dtype=self.options.dtype)
+            check_seqlen(self._base[0], self.options.calib_seqlen, "--calib-seqlen")
+            check_seqlen(self._base[0], self.options.finetune.max_length, "--max-length")
         return self._base
 
 
@@ -238,6 +242,9 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
             raise LayercapError(f"{out} is not empty; pass --resume to continue that comparison, or choose a new -o.")
         if not (out / MANIFEST).is_file():
             raise LayercapError(f"{out} holds files that no layercap sweep wrote ({MANIFEST} is missing); choose a new -o.")
+    from layercap.io import check_output_parent
+
+    check_output_parent(out, "-o")
     names = [load_task(t, limit=1).name for t in options.train]
     if len(set(names)) != len(names):
         raise LayercapError(f"two train files have the same task name {names}; use one file per task.")

@@ -153,7 +153,11 @@ def resume_point(outdir: Path, run_config: dict, resume: bool) -> tuple[Path | N
         return None, False
     previous = outdir / RUN_FILE
     if previous.is_file():
-        before = json.loads(previous.read_text())
+        from layercap.io import read_json
+
+        before = read_json(previous, "run config", "It may be damaged; delete it to recompute, or choose a new -o.")
+        if not isinstance(before, dict) or not isinstance(before.get("options"), dict):
+            raise LayercapError(f"{previous}: not a run config layercap wrote; delete it or choose a new -o.")
         if before != json.loads(json.dumps(run_config)):
             diff = sorted(k for k in set(before["options"]) | set(run_config["options"])
                           if before["options"].get(k) != run_config["options"].get(k))
@@ -183,7 +187,10 @@ def finetune(
     """
     from layercap.data.tasks import load_task
 
+    from layercap.models.checks import check_seqlen
+
     outdir = check_run_dir(outdir, markers=(RUN_FILE, RESULT_FILE, CHECKPOINTS))
+    check_seqlen(model, options.max_length, "--max-length")
     counts = check_counts_for(model, counts, options)
     train_task = load_task(train_path, limit=options.limit_train, seed=options.seed)
     pairs = train_task.training_examples()

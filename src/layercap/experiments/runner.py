@@ -113,10 +113,9 @@ class Manifest:
         path = Path(path)
         if not path.is_file():
             return cls()
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path}: not valid JSON ({exc}); delete it to rerun every stage.") from exc
+        from layercap.io import read_json
+
+        doc = read_json(path, "run manifest", "Delete it to rerun every stage.")
         return cls.from_dict(doc, str(path))
 
 
@@ -376,6 +375,9 @@ def check_run_dir(run_dir: str | Path, markers: tuple[str, ...] = (MANIFEST,), f
     if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in markers):
         raise LayercapError(f"{flag} {run_dir} holds files that layercap did not write (no {markers[0]}); "
                             "choose a new or empty folder.")
+    from layercap.io import check_output_parent
+
+    check_output_parent(run_dir, flag)
     return run_dir
 
 
