@@ -418,6 +418,17 @@ def check_output_file(path: str | os.PathLike, flag: str = "-o", inputs: Iterabl
     return path
 
 
+def check_holds_no_input(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is, or lies above, one of ``inputs``."""
+    resolved = Path(path).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        other = Path(item).resolve()
+        if other == resolved or resolved in other.parents:
+            raise _error(f"{flag} {str(path)!r} contains an input of this command ({item}); write to another folder.")
+
+
 def check_output_dir(path: str | os.PathLike, flag: str = "-o", inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """``path`` as a Path if layercap may (re)place a folder there: absent, empty, or a folder
     layercap wrote (it holds :data:`OUTPUT_MARKER`, or a legacy marker) with nothing else added;
@@ -425,13 +436,7 @@ def check_output_dir(path: str | os.PathLike, flag: str = "-o", inputs: Iterable
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise _error(f"{flag} {str(path)!r} is a file; pass a folder path for the output.")
-    resolved = path.resolve()
-    for item in inputs:
-        if item is None:
-            continue
-        other = Path(item).resolve()
-        if other == resolved or resolved in other.parents:
-            raise _error(f"{flag} {str(path)!r} contains an input of this command ({item}); write to another folder.")
+    check_holds_no_input(path, flag, inputs)
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
         if entries:

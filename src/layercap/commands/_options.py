@@ -74,3 +74,18 @@ def refuse_ignored(args: argparse.Namespace, dests: dict[str, str], reason: str,
     typed = [flag for dest, flag in dests.items() if given(args, dest)]
     if typed:
         raise LayercapError(f"{', '.join(typed)}: ignored {reason}; {fix}.")
+
+
+def check_score_method_options(args, builtin) -> None:
+    """Refuse the curvature options that the chosen built-in method does not read."""
+    if args.method not in builtin:
+        return
+    if args.method != "exact":
+        refuse_ignored(args, {"cg_tol": "--cg-tol", "cg_max_iter": "--cg-max-iter"},
+                       f"by --method {args.method} (conjugate-gradient options of --method exact)", "drop them")
+    if args.method not in ("kfac", "ekfac"):
+        refuse_ignored(args, {"max_factor_gb": "--max-factor-gb"}, f"by --method {args.method} (K-FAC factor memory)",
+                       "drop it")
+    if args.method == "gradnorm":
+        refuse_ignored(args, {"fisher": "--fisher", "damping": "--damping", "damping_mode": "--damping-mode"},
+                       "by --method gradnorm (C = 0: no curvature, no damping)", "drop them or pick a curvature method")
