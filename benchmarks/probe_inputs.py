@@ -295,6 +295,11 @@ def write_models(root: Path) -> None:
     for f in no_tok.iterdir():
         if "token" in f.name or f.name.startswith("special"):
             f.unlink()
+    (copy("bin_tokenizer") / "tokenizer.json").write_bytes(b"\x00\xff" * 30)
+    idx = copy("index_missing_shard")
+    (idx / "model.safetensors").rename(idx / "model-00001-of-00002.safetensors")
+    (idx / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
     (root / "empty_dir").mkdir()
     (root / "fake.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
     (root / "text.gguf").write_text("not a model")
@@ -327,7 +332,8 @@ BAD_TEXT = {  # bad calibration / perplexity text
 }
 GOOD_TEXT = {"bom": f"{I}/bom.txt", "crlf": f"{I}/crlf.txt", "json": f"{I}/text.json", "jsonl": f"{I}/text.jsonl"}
 MODELS_BAD = ["trunc_weights", "zero_weights", "garbage_weights", "no_config", "bin_config", "empty_config", "array_config",
-              "unknown_type", "wrong_shape", "no_weights", "no_tokenizer", "empty_dir", "fake.gguf", "text.gguf"]
+              "unknown_type", "wrong_shape", "no_weights", "no_tokenizer", "empty_dir", "fake.gguf", "text.gguf", "bin_tokenizer",
+              "index_missing_shard"]
 DEVICES_BAD = ["tpu", "cuda:7", "cpu:1", "", "CPU", "mps"]
 
 
@@ -560,8 +566,8 @@ def cases() -> list[dict]:
            C("prune-wanda-no-data", po(["prune", TINY, "--sparsity", "0.5", "--method", "wanda"])),
            C("prune-output-is-model-dir", [*pm("--sparsity", "0.5", model=f"{K}/llama"), "-o", f"{K}/llama"],
              prep=[("copytree", f"{M}/llama", f"{K}/llama")]),
-           C("prune-output-inside-model-dir", [*pm("--sparsity", "0.5", model=f"{K}/llama"), "-o", f"{K}/llama/pruned"],
-             prep=[("copytree", f"{M}/llama", f"{K}/llama")]),
+           C("prune-output-inside-model-dir", [*pm("--sparsity", "0.5", model=f"{K}/llama"), "-o", f"{K}/llama/pruned"], ANY,
+             prep=[("copytree", f"{M}/llama", f"{K}/llama")]),  # a new sub-folder: nothing of the model is touched
            C("prune-ok", po(pm("--sparsity", "0.5")), ACCEPT), C("prune-ok-ratios", po(pm("--ratios", f"{I}/ratios/plain.json")), ACCEPT),
            C("prune-ok-wanda", po(pw("--sparsity", "0.5")), ACCEPT),
            C("prune-ok-folder-model", po(pm("--sparsity", "0.5", model=f"{M}/llama")), ACCEPT),
@@ -743,6 +749,37 @@ def cases() -> list[dict]:
            C("run-output-proc", full(out="/proc/layercap-probe/r")),
            C("run-output-foreign-nested", full(out=O)),
            C("run-ok-print-config", rs("model.spec=tiny-llama"), ACCEPT)]
+    # 14. across commands: seeds, odd paths, odd names (cases the issue does not list)
+    long_name = "x" * 300
+    for sub, base in (("score", sc()), ("prune", pw("--sparsity", "0.5")), ("damage", dm()), ("evaluate", ev("--ppl", T)),
+                      ("cmp-pruning", cp())):
+        kind = "dir" if sub in ("prune", "cmp-pruning") else "file"
+        tail = "" if kind == "dir" else ".json"
+        cs += [C(f"{sub}-seed-negative", [*base, "--seed", "-1", "-o", f"{O}/x{tail}"], ANY),
+               C(f"{sub}-seed-2^70", [*base, "--seed", str(2 ** 70), "-o", f"{O}/x{tail}"]),
+               C(f"{sub}-out-name-too-long", [*base, "-o", f"{O}/{long_name}{tail}"]),
+               C(f"{sub}-out-newline-name", [*base, "-o", f"{O}/a\nb{tail}"], ANY),
+               C(f"{sub}-out-symlink-to-input", [*base, "-o", f"{K}/link{tail}"],
+                 prep=[("symlink", T if kind == "file" else f"{I}/folder", f"{K}/link{tail}")])]
+    cs += [C("finetune-seed-2^70", fo("--seed", str(2 ** 70))), C("finetune-out-name-too-long", [*ft(), "-o", f"{O}/{long_name}"]),
+           C("finetune-train-folder", fo(train=f"{I}/tasks")), C("finetune-train-nodir", fo(train=f"{I}/tasks/nodir")),
+           C("cmp-alloc-seeds-negative", cao("--seeds", "-1"), ANY), C("cmp-alloc-out-name-too-long", [*ca(), "-o", f"{O}/{long_name}"]),
+           C("allocate-out-name-too-long", ["allocate", S, "--budget", "8", "-o", f"{O}/{long_name}.json"]),
+           C("allocate-out-symlink-to-input", ["allocate", S, "--budget", "8", "-o", f"{K}/l.json"], prep=[("symlink", S, f"{K}/l.json")]),
+           C("allocate-out-trailing-slash", ["allocate", S, "--budget", "8", "-o", f"{O}/newdir/"], ANY),
+           C("allocate-unicode-names", ["allocate", f"{K}/u.json", "--budget", "8", "-o", f"{O}/a.json"], ACCEPT,
+             prep=[("write", f"{K}/u.json", json.dumps({"layers": [{"name": n, "zeta2": 1, "params": 10} for n in ("caf\u00e9", "\u6f22", "a\tb")]}))]),
+           C("allocate-many-layers", ["allocate", f"{K}/many.json", "--budget", "200000", "-o", f"{O}/a.json"], ACCEPT,
+             prep=[("write", f"{K}/many.json", json.dumps({"layers": [{"name": f"l{i}", "zeta2": 1 + i % 7, "params": 10} for i in range(50000)]}))]),
+           C("score-data-fifo-in-folder", so(data=f"{K}/d"), ACCEPT, prep=[("mkdir", f"{K}/d"), ("copy", T, f"{K}/d/a.txt"), ("fifo", f"{K}/d/pipe")]),
+           C("score-data-fifo", so(data=f"{K}/pipe"), prep=[("fifo", f"{K}/pipe")]),
+           C("score-dtype-float16-cpu", so("--dtype", "float16"), ANY),
+           C("evaluate-tasks-train-only-dir", eo("--tasks", f"{K}/t"), ANY, prep=[("mkdir", f"{K}/t"), ("copy", TASK, f"{K}/t/train.jsonl")]),
+           C("run-set-nsamples-1e400", rs("model.spec=tiny-llama", "data.nsamples=1e400")),
+           C("run-set-seqlen-float", rs("model.spec=tiny-llama", "data.seqlen=16.5")),
+           C("run-set-spec-empty", rs("model.spec=")),
+           C("export-decisions-symlink-loop", ["export", f"{K}/loop.json", "--format", "json", "-o", f"{O}/t.json"],
+             prep=[("symlink", f"{K}/loop.json", f"{K}/loop.json")])]
     # command-line faults common to all
     for sub in ("score", "prune", "allocate", "evaluate", "finetune", "export", "damage", "transfer", "run",
                 "compare-pruning", "compare-allocation", "prune-ratios"):
@@ -802,6 +839,10 @@ def run_prep(case: dict, case_dir: Path) -> None:
                 p.write_text(a[1])
         elif op == "copy":
             shutil.copy(a[0], a[1])
+        elif op == "symlink":
+            os.symlink(a[0], a[1])
+        elif op == "fifo":
+            os.mkfifo(a[0])
         elif op == "copytree":
             shutil.copytree(a[0], a[1])
         elif op == "truncate-last-checkpoint":  # as if killed while saving it: no result yet, last checkpoint cut
@@ -855,7 +896,7 @@ def main() -> int:
     global WORK
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--only", default=None, help="only cases whose id contains this")
+    ap.add_argument("--only", default=None, help="only cases whose id contains this (comma-separated: any of these)")
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--fork", action="store_true", help="fork each case from a process that imported torch once")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -872,7 +913,8 @@ def main() -> int:
                         "-o", str(WORK / "in/ratios.json")], env=env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     all_cases = cases()
-    todo = [c for c in all_cases if not opts.only or opts.only in c["id"]]
+    wanted = opts.only.split(",") if opts.only else None
+    todo = [c for c in all_cases if not wanted or any(w in c["id"] for w in wanted)]
     shared = snapshot(WORK / "in", WORK / "models")
     print(f"{len(todo)} cases ({len(all_cases)} in all) in {WORK}; setup {time.time() - t0:.1f} s", file=sys.stderr)
     if opts.fork:

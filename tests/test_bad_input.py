@@ -88,7 +88,7 @@ def _snapshot(*folders) -> dict:
     out = {}
     for folder in folders:
         for p in sorted(folder.rglob("*")):
-            out[str(p)] = p.read_bytes() if p.is_file() else "<dir>"
+            out[str(p)] = f"<link {p.readlink()}>" if p.is_symlink() else p.read_bytes() if p.is_file() else "<dir>"
     return out
 
 
@@ -270,6 +270,16 @@ CASES = [
                              "--limit", "0", "-o", f"{O}/c"], r"--limit must be >= 1"),
     ("cmp-pruning-max-ratio-1.5", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--rules", "uniform",
                                    "--max-ratio", "1.5", "-o", f"{O}/c"], r"max_ratio < 1|--max-ratio"),
+    # seeds, names and links (cases the issue does not list)
+    ("prune-seed-2^70", ["prune", TINY, "--sparsity", "0.5", "--method", "wanda", "--data", f"{I}/text.txt", "--seed", str(2 ** 70),
+                         "-o", f"{O}/p"], r"--seed 1180591620717411303424: a seed is a whole number in \[0, 4,294,967,295\]"),
+    ("cmp-alloc-seeds-negative", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "--train", f"{I}/task.jsonl",
+                                  "--seeds", "-1", "-o", f"{O}/c"], r"--seeds -1: a seed is a whole number"),
+    ("allocate-output-name-too-long", ["allocate", SCORES, "--budget", "8", "-o", f"{O}/{'x' * 300}.json"], r"more than the 255"),
+    ("finetune-output-name-too-long", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl",
+                                       "-o", f"{O}/{'x' * 300}"], r"more than the 255"),
+    ("prune-output-symlink", ["prune", TINY, "--sparsity", "0.5", "--method", "magnitude", "-o", f"{O}/link"], r"is a symbolic link"),
+    ("export-input-symlink-loop", ["export", f"{I}/loop.json", "--format", "json", "-o", f"{O}/t.json"], r"loop\.json' cannot be opened"),
     ("cmp-pruning-seqlen-over-context", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--rules", "uniform",
                                          "--methods", "magnitude", "--nsamples", "1", "--seqlen", "257", "-o", f"{O}/c"], r"--seqlen 257 exceeds"),
 ]
@@ -290,6 +300,10 @@ def test_bad_input(work, capsys, argv, pattern):
     inp, out = work
     if argv[0] in ("allocate", "prune-ratios") and "--csv" in argv:
         (out / "sub.csv").mkdir()
+    if f"{O}/link" in argv:
+        (out / "link").symlink_to(inp / "folder")
+    if f"{I}/loop.json" in argv:
+        (inp / "loop.json").symlink_to(inp / "loop.json")
     before = _snapshot(inp, out)
     rc, _, err = _run(_fill(argv, inp, out), capsys)
     assert rc == 2, err

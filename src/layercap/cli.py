@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if args.command is None else 2
         command = args.command
         args._given = given_dests(args._parser, argv[argv.index(command) + 1:])
+        from layercap.commands._options import check_seeds
+
+        check_seeds(args)
         return int(args._main(args) or 0)
     except LayercapError as exc:
         if debug:

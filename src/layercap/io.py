@@ -120,6 +120,12 @@ def check_input_file(path: str | os.PathLike, what: str = "file", hint: str = ""
     is instead (missing, a folder, unreadable)."""
     path = Path(path)
     tail = f" {hint}".rstrip() if hint else ""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, a component that is a file
+        raise _error(f"{what} {str(path)!r} cannot be opened ({getattr(exc, 'strerror', None) or exc}).{tail}") from None
     if path.is_dir():
         raise _error(f"{what} {str(path)!r} is a folder, not a file.{tail}")
     if not path.exists():
@@ -351,7 +357,18 @@ def check_output_parent(path: str | os.PathLike, flag: str = "-o") -> None:
     _check_writable_parent(Path(path), flag)
 
 
+def _check_name(path: Path, flag: str) -> None:
+    too_long = [part for part in path.parts if len(os.fsencode(part)) > 255]
+    if too_long:
+        raise _error(f"{flag} {str(path)[:80]!r}...: a name of {len(os.fsencode(too_long[0])):,} bytes, more than the 255 a "
+                     "file system allows; choose a shorter name.")
+
+
 def _check_writable_parent(path: Path, flag: str) -> None:
+    _check_name(path, flag)
+    if path.is_symlink():
+        raise _error(f"{flag} {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); layercap replaces outputs "
+                     "whole, so pass the real path or a new name.")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -404,6 +421,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "-o", inputs: Iterabl
     (a command never overwrites what it reads), not a file layercap did not write (see
     :func:`written_by_layercap`), in a writable folder."""
     path = Path(path)
+    _check_name(path, flag)
     if str(path) in ("", ".", "..") or path.is_dir():
         raise _error(f"{flag} {str(path)!r} is a folder; pass a file name such as {path / 'out.json'}.")
     if path.exists() and not path.is_file():
@@ -418,13 +436,20 @@ def check_output_file(path: str | os.PathLike, flag: str = "-o", inputs: Iterabl
     return path
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the path as given
+        return path.absolute()
+
+
 def check_holds_no_input(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None]) -> None:
     """Refuse an output folder that is, or lies above, one of ``inputs``."""
-    resolved = Path(path).resolve()
+    resolved = _resolved(Path(path))
     for item in inputs:
         if item is None:
             continue
-        other = Path(item).resolve()
+        other = _resolved(Path(item))
         if other == resolved or resolved in other.parents:
             raise _error(f"{flag} {str(path)!r} contains an input of this command ({item}); write to another folder.")
 
@@ -434,6 +459,7 @@ def check_output_dir(path: str | os.PathLike, flag: str = "-o", inputs: Iterable
     layercap wrote (it holds :data:`OUTPUT_MARKER`, or a legacy marker) with nothing else added;
     never a file, an input, or a folder above an input."""
     path = Path(path)
+    _check_name(path, flag)
     if path.exists() and not path.is_dir():
         raise _error(f"{flag} {str(path)!r} is a file; pass a folder path for the output.")
     check_holds_no_input(path, flag, inputs)

@@ -89,3 +89,15 @@ def check_score_method_options(args, builtin) -> None:
     if args.method == "gradnorm":
         refuse_ignored(args, {"fisher": "--fisher", "damping": "--damping", "damping_mode": "--damping-mode"},
                        "by --method gradnorm (C = 0: no curvature, no damping)", "drop them or pick a curvature method")
+
+
+SEED_MAX = 2 ** 32 - 1  # numpy's limit (transformers.set_seed seeds numpy too)
+
+
+def check_seeds(args: argparse.Namespace) -> None:
+    """Every ``--seed`` / ``--seeds`` value a whole number in [0, 2^32 - 1], before any work."""
+    for dest in ("seed", "seeds"):
+        values = getattr(args, dest, None)
+        for value in [values] if isinstance(values, int) else (values or []):
+            if not 0 <= value <= SEED_MAX:
+                raise LayercapError(f"--{dest} {value}: a seed is a whole number in [0, {SEED_MAX:,}].")

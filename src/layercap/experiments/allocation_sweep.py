@@ -234,7 +234,10 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
     """
     from layercap.data.tasks import load_task
 
+    from layercap.io import check_output_parent
+
     out = Path(outdir)
+    check_output_parent(out, "-o")
     if out.exists() and not out.is_dir():
         raise LayercapError(f"output {out} is a file; pass a directory.")
     if out.is_dir() and any(out.iterdir()):
@@ -242,9 +245,6 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
             raise LayercapError(f"{out} is not empty; pass --resume to continue that comparison, or choose a new -o.")
         if not (out / MANIFEST).is_file():
             raise LayercapError(f"{out} holds files that no layercap sweep wrote ({MANIFEST} is missing); choose a new -o.")
-    from layercap.io import check_output_parent
-
-    check_output_parent(out, "-o")
     names = [load_task(t, limit=1).name for t in options.train]
     if len(set(names)) != len(names):
         raise LayercapError(f"two train files have the same task name {names}; use one file per task.")

@@ -369,15 +369,15 @@ def check_run_dir(run_dir: str | Path, markers: tuple[str, ...] = (MANIFEST,), f
     """``run_dir`` if layercap may write there: new, empty, or holding one of ``markers`` (files a
     layercap job wrote). A folder of someone else's files is refused: a job writes fixed names
     (config.yaml, report.md, ...) and must never overwrite what it did not write."""
+    from layercap.io import check_output_parent
+
     run_dir = Path(run_dir)
+    check_output_parent(run_dir, flag)
     if run_dir.exists() and not run_dir.is_dir():
         raise LayercapError(f"{flag} {run_dir}: exists and is not a directory; pass a directory for the run's artefacts.")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in markers):
         raise LayercapError(f"{flag} {run_dir} holds files that layercap did not write (no {markers[0]}); "
                             "choose a new or empty folder.")
-    from layercap.io import check_output_parent
-
-    check_output_parent(run_dir, flag)
     return run_dir
 
 

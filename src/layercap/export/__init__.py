@@ -124,6 +124,9 @@ def export(decisions_path: str | os.PathLike, fmt: str, output: str | os.PathLik
         raise LayercapError(f"--format {fmt!r}; allowed: {', '.join(FORMATS)}.")
     spec = FORMATS[fmt]
     options = options or ExportOptions()
+    from layercap.io import check_input_file
+
+    check_input_file(decisions_path, "decisions file")
     check_not_input(output, [decisions_path, model_spec if model_spec and Path(model_spec).exists() else None])
     from layercap.io import check_output_file
 
