@@ -281,8 +281,8 @@ class PipelineConfig:
             from layercap.models.tiny import FAMILIES
 
             if self.model.spec[len("tiny-"):] not in FAMILIES:
-                raise LayercapError(f"model.spec = {self.model.spec!r}: no such tiny model; use tiny-<family> with family one of "
-                                    f"{', '.join(FAMILIES)}.")
+                raise LayercapError(f"model.spec = {self.model.spec!r}: no such tiny model; use one of "
+                                    f"{', '.join('tiny-' + f for f in FAMILIES)}.")
         if self.model.spec.startswith("tiny-") and self.model.tiny_hidden % 4:
             raise LayercapError(f"model.tiny_hidden = {self.model.tiny_hidden} must be a multiple of 4 (4 attention heads).")
 
