@@ -116,9 +116,10 @@ class PruningSweepOptions:
                 raise LayercapError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.limit is not None and self.limit < 1:
             raise LayercapError(f"limit must be >= 1, got {self.limit}.")
-        if not (0.0 <= self.min_ratio <= self.max_ratio < 1.0):
-            raise LayercapError(f"min_ratio {self.min_ratio} and max_ratio {self.max_ratio} must satisfy "
-                                "0 <= min_ratio <= max_ratio < 1 (a ratio of 1 removes a whole block).")
+        if not self.max_ratio < 1.0:
+            raise LayercapError(f"max_ratio {self.max_ratio} must be < 1 (a ratio of 1 removes a whole block).")
+        if not 0.0 <= self.min_ratio <= self.max_ratio:
+            raise LayercapError(f"min_ratio {self.min_ratio} must lie in [0, max_ratio = {self.max_ratio}].")
         if not self.ppl and not self.tasks:
             raise LayercapError("nothing to compare on: give ppl texts and/or tasks.")
         if not Path(self.data).exists():
