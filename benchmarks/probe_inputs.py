@@ -373,6 +373,8 @@ def cases() -> list[dict]:
     # 1. the bad-input matrix of tests/test_bad_input.py, as subprocesses
     for cid, argv, pattern in MATRIX:
         prep = [("mkdir", f"{O}/sub.csv")] if "--csv" in argv and argv[0] in ("allocate", "prune-ratios") else []
+        if f"{O}/link" in argv:  # as test_bad_input does
+            prep.append(("symlink", f"{I}/folder", f"{O}/link"))
         cs.append(C(f"matrix:{cid}", argv, REFUSE, pattern, prep))
 
     # 2. allocate

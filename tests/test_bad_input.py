@@ -76,6 +76,7 @@ def _write_inputs(d):
     (d / "dup_header.csv").write_text("name,zeta2,params,zeta2\na,1,10,2\n")
     (d / "method_int.json").write_text(json.dumps({**_scores_doc(), "method": 5}))
     (d / "dup.yaml").write_text("model:\n  spec: tiny-llama\n  spec: tiny-gpt2\n")
+    (d / "loop.json").symlink_to(d / "loop.json")  # a symbolic link to itself
     (d / "peft").mkdir()
     (d / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 64}')
     (d / "ok_alloc.json").write_text(json.dumps({
@@ -303,8 +304,7 @@ def test_bad_input(work, capsys, argv, pattern):
         (out / "sub.csv").mkdir()
     if f"{O}/link" in argv:
         (out / "link").symlink_to(inp / "folder")
-    if f"{I}/loop.json" in argv:
-        (inp / "loop.json").symlink_to(inp / "loop.json")
+
     before = _snapshot(inp, out)
     rc, _, err = _run(_fill(argv, inp, out), capsys)
     assert rc == 2, err
