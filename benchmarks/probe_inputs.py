@@ -828,7 +828,10 @@ def env() -> dict:
     return e
 
 
-def run_prep(case: dict, case_dir: Path) -> None:
+def run_prep(case: dict, case_dir: Path) -> set[str]:
+    """Carry out the case's preparation; returns the files that its own layercap runs wrote (a
+    rerun may replace those; every other file the preparation made is the user's, protected)."""
+    written: set[str] = set()
     for op, *a in case["prep"]:
         a = [fill(x, case_dir) if isinstance(x, str) else [fill(y, case_dir) for y in x] for x in a]
         if op == "mkdir":
@@ -854,12 +857,15 @@ def run_prep(case: dict, case_dir: Path) -> None:
             (Path(a[0]) / "finetune.json").unlink(missing_ok=True)
             shutil.rmtree(Path(a[0]) / "adapter", ignore_errors=True)
         elif op == "run":
+            before = snapshot(case_dir)
             r = subprocess.run([sys.executable, "-m", "layercap", *a[0]], cwd=case_dir / "out", env=env(),
                                capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 raise RuntimeError(f"prep of {case['id']} failed: {r.stderr.strip().splitlines()[-1:]}")
+            written |= {p for p, h in snapshot(case_dir).items() if before.get(p) != h}
         else:
             raise ValueError(op)
+    return written
 
 
 def classify(case, rc, err, before, protected, after, timed_out) -> str:
@@ -932,14 +938,14 @@ def main() -> int:
             case_dir = WORK / "cases" / f"{n:04d}"
             (case_dir / "out").mkdir(parents=True)
             (case_dir / "out" / "keep.txt").write_text("a file layercap did not write\n")
-            protected = snapshot(case_dir)  # the user's files: a rerun may replace what the prep's own commands wrote
             try:
-                run_prep(case, case_dir)
+                written = run_prep(case, case_dir)
             except Exception as exc:  # a broken prep is the probe's fault: report it, do not classify
                 records.append({**case, "outcome": "PREP_FAILED", "stderr_first": str(exc)[:300], "rc": None, "seconds": 0})
                 continue
             argv = [fill(a, case_dir) for a in case["argv"]]
             before = snapshot(case_dir)
+            protected = {p: h for p, h in before.items() if p not in written}  # the user's files
             err_path = case_dir.parent / f"{n:04d}.err"
             out_path = case_dir.parent / f"{n:04d}.out"
             start = time.time()
