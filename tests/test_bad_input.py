@@ -1,7 +1,9 @@
-"""Hostile input on every command this module covers (allocate, prune-ratios, transfer, prune,
-score, evaluate): exit code 2, a one-line message naming the problem, no traceback, and nothing
+"""Hostile input on every command (allocate, prune-ratios, transfer, export, prune, damage, score,
+evaluate, finetune, compare-allocation, compare-pruning, run): exit code 2, a one-line message naming the problem, no traceback, and nothing
 changed on disk (inputs and output folder byte-identical). In-process (``layercap.cli.main``) on
-tiny models, so each case takes well under a second.
+tiny models, so each case takes well under a second. The cases at the end of ``CASES`` are the failure
+classes found by the subprocess probe ``benchmarks/probe_inputs.py`` (which reuses this module's
+inputs and cases).
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def _write_inputs(d):
         "schema": "layercap.allocation/v1", "rule": "manual", "budget": 400000.0, "unit": "experts", "integer": True,
         "layers": [{"name": n, "n": 100000, "cost": 1.0} for n in LAYERS], "mu": None, "binds": True,
         "spent": 400000.0, "metadata": {}}))
+    # added with the hostile-input probe (benchmarks/probe_inputs.py)
+    (d / "blank.txt").write_text("\n\n   \n")
+    (d / "numbers.json").write_text(json.dumps([1, 2, 3]))
+    (d / "extra_col.csv").write_text("name,zeta2,params,color\na,1,10,red\nb,2,20,blue\n")
+    (d / "dup_header.csv").write_text("name,zeta2,params,zeta2\na,1,10,2\n")
+    (d / "method_int.json").write_text(json.dumps({**_scores_doc(), "method": 5}))
+    (d / "dup.yaml").write_text("model:\n  spec: tiny-llama\n  spec: tiny-gpt2\n")
+    (d / "loop.json").symlink_to(d / "loop.json")  # a symbolic link to itself
+    (d / "peft").mkdir()
+    (d / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 64}')
     (d / "ok_alloc.json").write_text(json.dumps({
         "schema": "layercap.allocation/v1", "rule": "manual", "budget": 4.0, "unit": "experts", "integer": True,
         "layers": [{"name": n, "n": 1, "cost": 1.0} for n in LAYERS], "mu": None, "binds": True,
@@ -77,7 +89,7 @@ def _snapshot(*folders) -> dict:
     out = {}
     for folder in folders:
         for p in sorted(folder.rglob("*")):
-            out[str(p)] = p.read_bytes() if p.is_file() else "<dir>"
+            out[str(p)] = f"<link {p.readlink()}>" if p.is_symlink() else p.read_bytes() if p.is_file() else "<dir>"
     return out
 
 
@@ -200,6 +212,78 @@ CASES = [
                        "-o", f"{O}/f"], r"--lr must be > 0"),
     ("finetune-binary-allocation", ["finetune", TINY, "--allocation", f"{I}/bin.json", "--train", f"{I}/task.jsonl", "-o", f"{O}/f"],
      r"binary content"),
+    # ---- found by the hostile-input probe (benchmarks/probe_inputs.py): one case per class
+    # a file layercap did not write is never overwritten
+    ("allocate-foreign-output-file", ["allocate", SCORES, "--budget", "8", "-o", f"{O}/keep.txt"], r"keep\.txt' exists and layercap did not write it"),
+    ("ratios-foreign-output-file", ["prune-ratios", SCORES, "--sparsity", "0.5", "-o", f"{O}/keep.txt"], r"layercap did not write it"),
+    ("damage-foreign-output-file", ["damage", TINY, "--data", f"{I}/text.txt", "-o", f"{O}/keep.txt"], r"layercap did not write it"),
+    ("damage-output-is-data", ["damage", TINY, "--data", f"{I}/text.txt", "-o", f"{I}/text.txt"], r"also an input"),
+    ("evaluate-foreign-output-file", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "--seqlen", "32", "-o", f"{O}/keep.txt"], r"layercap did not write it"),
+    ("export-foreign-output-file", ["export", f"{I}/ok_alloc.json", "--format", "json", "-o", f"{O}/keep.txt"], r"layercap did not write it"),
+    ("export-peft-foreign-adapter", ["export", f"{I}/ok_alloc.json", "--format", "peft", "--model", TINY, "-o", f"{I}/peft"],
+     r"adapter_config\.json' exists and layercap did not write it"),
+    ("score-checkpoint-dir-holds-input", ["score", TINY, "--method", "gradnorm", "--data", f"{I}/text.txt", "--seqlen", "8", "--checkpoint-dir", I,
+                                          "-o", f"{O}/s.json"], r"--checkpoint-dir .* contains an input"),
+    ("cmp-pruning-output-not-writable", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt",
+                                         "--rules", "uniform", "-o", "/proc/layercap-test/c"], r"is not writable"),
+    # options the chosen setting ignores are refused
+    ("allocate-beta-ignored", ["allocate", SCORES, "--budget", "8", "--rule", "uniform", "--beta", "0.5", "-o", f"{O}/a.json"],
+     r"--beta: ignored by --rule uniform"),
+    ("ratios-gamma-ignored", ["prune-ratios", SCORES, "--sparsity", "0.5", "--gamma", "2", "-o", f"{O}/r.json"], r"--gamma: ignored in --mode exact"),
+    ("transfer-eta-ignored", ["transfer", SCORES, SCORES, "--program", "allocation", "--budget", "8", "--eta", "2"],
+     r"--eta: ignored by --program allocation"),
+    ("score-cg-tol-ignored", ["score", TINY, "--method", "gradnorm", "--data", f"{I}/text.txt", "--seqlen", "8", "--cg-tol", "0.01",
+                              "-o", f"{O}/s.json"],
+     r"--cg-tol: ignored by --method gradnorm"),
+    ("prune-data-ignored", ["prune", TINY, "--sparsity", "0.5", "--method", "magnitude", "--data", f"{I}/text.txt", "-o", f"{O}/p"],
+     r"--data: ignored by --method magnitude"),
+    ("damage-fisher-ignored", ["damage", TINY, "--data", f"{I}/text.txt", "--fisher", "empirical", "-o", f"{O}/d.json"],
+     r"--fisher: ignored without --obd"),
+    ("evaluate-limit-ignored", ["evaluate", TINY, "--ppl", f"{I}/text.txt", "--seqlen", "32", "--limit", "3", "-o", f"{O}/e.json"],
+     r"--limit: ignored without --tasks"),
+    ("export-method-ignored", ["export", f"{I}/ok_alloc.json", "--format", "peft", "--model", TINY, "--method", "wanda", "-o", f"{O}/a"],
+     r"--method: ignored by --format peft"),
+    ("finetune-top-k-ignored", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl", "--adapter", "lora",
+                                "--top-k", "3", "-o", f"{O}/f"], r"--top-k: ignored by --adapter lora"),
+    ("finetune-limit-eval-ignored", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl",
+                                     "--limit-eval", "3", "-o", f"{O}/f"], r"--limit-eval: ignored without --eval"),
+    ("cmp-pruning-generations-ignored", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--rules", "uniform",
+                                         "--seqlen", "16", "--eval-seqlen", "32", "--search-generations", "3", "-o", f"{O}/c"], r"--search-generations: ignored without the evopress"),
+    # schema faults, checked reads
+    ("allocate-csv-unknown-column", ["allocate", f"{I}/extra_col.csv", "--budget", "8", "-o", f"{O}/a.json"], r"unknown CSV column.*'color'"),
+    ("allocate-csv-column-twice", ["allocate", f"{I}/dup_header.csv", "--budget", "8", "-o", f"{O}/a.json"], r"'zeta2' twice"),
+    ("allocate-method-not-string", ["allocate", f"{I}/method_int.json", "--budget", "8", "-o", f"{O}/a.json"], r"'method' = 5 must be a string"),
+    ("score-blank-data", ["score", TINY, "--method", "gradnorm", "--data", f"{I}/blank.txt", "--seqlen", "8", "-o", f"{O}/s.json"], r"blank\.txt: no text in it"),
+    ("evaluate-numbers-as-text", ["evaluate", TINY, "--ppl", f"{I}/numbers.json", "--seqlen", "32", "-o", f"{O}/e.json"], r"record 0 is a int, not text"),
+    ("run-yaml-key-twice", ["run", f"{I}/dup.yaml", "--print-config", "-o", f"{O}/r"], r"key 'spec' is given twice \(line 3\)"),
+    ("run-unknown-tiny-model", ["run", "--set", "model.spec=tiny-nothing", "--print-config", "-o", f"{O}/r"], r"no such tiny model"),
+    # numbers: finite, in range, within the model's context
+    ("damage-seqlen-over-context", ["damage", TINY, "--data", f"{I}/text.txt", "--seqlen", "1000", "--nsamples", "1", "-o", f"{O}/d.json"],
+     r"--seqlen 1000 exceeds the model's context of 256"),
+    ("finetune-max-length-over-context", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl",
+                                          "--max-length", "100000", "-o", f"{O}/f"], r"--max-length 100000 exceeds the model's context"),
+    ("finetune-lr-inf", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl", "--lr", "inf", "-o", f"{O}/f"],
+     r"--lr must be a finite number"),
+    ("finetune-max-steps-negative", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl",
+                                     "--max-steps", "-5", "-o", f"{O}/f"], r"--max-steps must be >= 1 \(or -1"),
+    ("cmp-alloc-calib-seqlen-over-context", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "--train", f"{I}/task.jsonl",
+                                             "--calib-seqlen", "1000", "-o", f"{O}/c"], r"--calib-seqlen 1000 exceeds the model's context"),
+    ("cmp-pruning-limit-0", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--tasks", f"{I}/task.jsonl", "--rules", "uniform",
+                             "--limit", "0", "-o", f"{O}/c"], r"--limit must be >= 1"),
+    ("cmp-pruning-max-ratio-1.5", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--rules", "uniform",
+                                   "--seqlen", "16", "--eval-seqlen", "32", "--max-ratio", "1.5", "-o", f"{O}/c"], r"--max-ratio 1\.5 must be < 1"),
+    # seeds, names and links (cases the issue does not list)
+    ("prune-seed-2^70", ["prune", TINY, "--sparsity", "0.5", "--method", "wanda", "--data", f"{I}/text.txt", "--seqlen", "16", "--seed", str(2 ** 70),
+                         "-o", f"{O}/p"], r"--seed 1180591620717411303424: a seed is a whole number in \[0, 4,294,967,295\]"),
+    ("cmp-alloc-seeds-negative", ["compare-allocation", TINY, "--budget", "8", "--rules", "uniform", "--train", f"{I}/task.jsonl",
+                                  "--seeds", "-1", "-o", f"{O}/c"], r"--seeds -1: a seed is a whole number"),
+    ("allocate-output-name-too-long", ["allocate", SCORES, "--budget", "8", "-o", f"{O}/{'x' * 300}.json"], r"more than the 255"),
+    ("finetune-output-name-too-long", ["finetune", TINY, "--allocation", f"{I}/ok_alloc.json", "--train", f"{I}/task.jsonl",
+                                       "-o", f"{O}/{'x' * 300}"], r"more than the 255"),
+    ("prune-output-symlink", ["prune", TINY, "--sparsity", "0.5", "--method", "magnitude", "-o", f"{O}/link"], r"is a symbolic link"),
+    ("export-input-symlink-loop", ["export", f"{I}/loop.json", "--format", "json", "-o", f"{O}/t.json"], r"loop\.json' cannot be opened"),
+    ("cmp-pruning-seqlen-over-context", ["compare-pruning", TINY, "--data", f"{I}/text.txt", "--ppl", f"{I}/other.txt", "--rules", "uniform",
+                                         "--methods", "magnitude", "--nsamples", "1", "--seqlen", "257", "-o", f"{O}/c"], r"--seqlen 257 exceeds"),
 ]
 
 
@@ -218,6 +302,9 @@ def test_bad_input(work, capsys, argv, pattern):
     inp, out = work
     if argv[0] in ("allocate", "prune-ratios") and "--csv" in argv:
         (out / "sub.csv").mkdir()
+    if f"{O}/link" in argv:
+        (out / "link").symlink_to(inp / "folder")
+
     before = _snapshot(inp, out)
     rc, _, err = _run(_fill(argv, inp, out), capsys)
     assert rc == 2, err

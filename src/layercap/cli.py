@@ -69,8 +69,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=HELP[name] + " (not available in this build)")
             continue
         p = module.register(sub)
-        p.set_defaults(_main=module.main)
+        p.set_defaults(_main=module.main, _parser=p)
     return parser
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options the user actually typed in ``argv`` (argparse fills in
+    defaults, so a command cannot tell a default from a given value otherwise): ``argv`` parsed
+    again with every default suppressed."""
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.update(saved_defaults)
+    return set(vars(namespace))
 
 
 def _version() -> str:
@@ -113,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0 if args.command is None else 2
         command = args.command
+        args._given = given_dests(args._parser, argv[argv.index(command) + 1:])
+        from layercap.commands._options import check_seeds
+
+        check_seeds(args)
         return int(args._main(args) or 0)
     except LayercapError as exc:
         if debug:

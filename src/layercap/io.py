@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -119,6 +120,12 @@ def check_input_file(path: str | os.PathLike, what: str = "file", hint: str = ""
     is instead (missing, a folder, unreadable)."""
     path = Path(path)
     tail = f" {hint}".rstrip() if hint else ""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, a component that is a file
+        raise _error(f"{what} {str(path)!r} cannot be opened ({getattr(exc, 'strerror', None) or exc}).{tail}") from None
     if path.is_dir():
         raise _error(f"{what} {str(path)!r} is a folder, not a file.{tail}")
     if not path.exists():
@@ -203,10 +210,11 @@ def read_jsonl(path: str | os.PathLike, what: str = "file", hint: str = "") -> l
     return parse_jsonl(read_text_file(path, what, hint), path)
 
 
-def read_csv(path: str | os.PathLike, what: str = "file", required: Sequence[str] = (), hint: str = "") -> list[dict[str, str]]:
+def read_csv(path: str | os.PathLike, what: str = "file", required: Sequence[str] = (), hint: str = "",
+             allowed: Sequence[str] | None = None) -> list[dict[str, str]]:
     """Rows of a CSV file with a header, as dicts (header names stripped; a UTF-8 BOM accepted).
-    A missing ``required`` column, or a row with fewer fields than the header, raises LayercapError
-    with the line number."""
+    A missing ``required`` column, a column named twice, a column outside ``allowed`` (when given),
+    or a row with fewer fields than the header, raises LayercapError with the line number."""
     path = Path(path)
     text = read_text_file(path, what, hint)
     try:
@@ -217,6 +225,14 @@ def read_csv(path: str | os.PathLike, what: str = "file", required: Sequence[str
     if not rows_with_line:
         raise _error(f"{what} {path}: empty CSV; expected a header line ({', '.join(required) or 'column names'}).")
     header = [c.strip() for c in rows_with_line[0][1]]
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise _error(f"{what} {path}: CSV header names column(s) {', '.join(repr(c) for c in twice)} twice; keep one.")
+    if allowed is not None:
+        unknown = [c for c in header if c not in allowed]
+        if unknown:
+            raise _error(f"{what} {path}: unknown CSV column(s) {', '.join(repr(c) for c in unknown)}; "
+                         f"allowed: {', '.join(allowed)}.")
     missing = [c for c in required if c not in header]
     if missing:
         raise _error(f"{what} {path}: CSV header lacks {', '.join(repr(m) for m in missing)}; expected columns "
@@ -233,14 +249,36 @@ def read_csv(path: str | os.PathLike, what: str = "file", required: Sequence[str
     return out
 
 
+def yaml_load(text: str, source: str | os.PathLike = "") -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently, so a duplicated setting would be ignored)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _error(f"{source}: key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one.")
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | os.PathLike, what: str = "file", hint: str = "") -> Any:
-    """A YAML document (safe_load) from a checked UTF-8 file; a syntax error names the line."""
+    """A YAML document (safe_load) from a checked UTF-8 file; a syntax error names the line; a key
+    given twice is refused."""
     import yaml
 
     path = Path(path)
     text = read_text_file(path, what, hint)
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text, f"{what} {path}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -314,20 +352,76 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def check_output_parent(path: str | os.PathLike, flag: str = "-o") -> None:
+    """Refuse an output path whose nearest existing parent is a file or not writable (before any work)."""
+    _check_writable_parent(Path(path), flag)
+
+
+def _check_name(path: Path, flag: str) -> None:
+    too_long = [part for part in path.parts if len(os.fsencode(part)) > 255]
+    if too_long:
+        raise _error(f"{flag} {str(path)[:80]!r}...: a name of {len(os.fsencode(too_long[0])):,} bytes, more than the 255 a "
+                     "file system allows; choose a shorter name.")
+
+
 def _check_writable_parent(path: Path, flag: str) -> None:
+    _check_name(path, flag)
+    if path.is_symlink():
+        raise _error(f"{flag} {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); layercap replaces outputs "
+                     "whole, so pass the real path or a new name.")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise _error(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder; choose another output path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise _error(f"{flag} {str(path)!r}: the folder {str(parent)!r} is not writable; choose a writable output folder.")
+    try:  # a real attempt (os.access says yes to root even where the filesystem refuses, e.g. /proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".layercap-probe-", dir=parent))
+    except OSError as exc:
+        raise _error(f"{flag} {str(path)!r}: the folder {str(parent)!r} is not writable ({exc.strerror or exc}); "
+                     "choose a writable output folder.") from None
+
+
+# first CSV column of the tables layercap writes (records, comparisons, export tables)
+_CSV_FIRST_COLUMNS = ("name", "task", "rule", "module", "block", "cell")
+
+
+def _owned_by_marker(path: Path) -> bool:
+    marker = path.parent / OUTPUT_MARKER
+    try:
+        return path.name in json.loads(marker.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def written_by_layercap(path: str | os.PathLike) -> bool:
+    """Whether an existing file may be replaced: empty, an artefact layercap writes (a JSON record
+    with a ``layercap.*`` schema, a text whose first line is a ``#`` comment naming layercap, a CSV
+    table with layercap's first column), or listed in its folder's output marker. Anything else is
+    the user's."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return True
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16).lstrip(UTF8_BOM)
+    except OSError:
+        return False
+    if _owned_by_marker(path) or re.search(rb'"schema"\s*:\s*"layercap\.', head):
+        return True
+    first = head.split(b"\n", 1)[0]
+    if first.startswith(b"#") and b"layercap" in first.lower():
+        return True
+    if path.suffix.lower() == ".csv":
+        return first.split(b",", 1)[0].strip().decode("utf-8", "replace") in _CSV_FIRST_COLUMNS
+    return False
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "-o", inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """``path`` as a Path if layercap may write a file there: not a folder, not one of ``inputs``
-    (a command never overwrites what it reads), in a writable folder."""
+    (a command never overwrites what it reads), not a file layercap did not write (see
+    :func:`written_by_layercap`), in a writable folder."""
     path = Path(path)
+    _check_name(path, flag)
     if str(path) in ("", ".", "..") or path.is_dir():
         raise _error(f"{flag} {str(path)!r} is a folder; pass a file name such as {path / 'out.json'}.")
     if path.exists() and not path.is_file():
@@ -335,8 +429,29 @@ def check_output_file(path: str | os.PathLike, flag: str = "-o", inputs: Iterabl
     for item in inputs:
         if item is not None and _same_file(path, Path(item)):
             raise _error(f"{flag} {str(path)!r} is also an input of this command; write the output to another file.")
+    if path.is_file() and not written_by_layercap(path):
+        raise _error(f"{flag} {str(path)!r} exists and layercap did not write it; choose another file name "
+                     "(or move that file away first).")
     _check_writable_parent(path, flag)
     return path
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the path as given
+        return path.absolute()
+
+
+def check_holds_no_input(path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is, or lies above, one of ``inputs``."""
+    resolved = _resolved(Path(path))
+    for item in inputs:
+        if item is None:
+            continue
+        other = _resolved(Path(item))
+        if other == resolved or resolved in other.parents:
+            raise _error(f"{flag} {str(path)!r} contains an input of this command ({item}); write to another folder.")
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "-o", inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -344,15 +459,10 @@ def check_output_dir(path: str | os.PathLike, flag: str = "-o", inputs: Iterable
     layercap wrote (it holds :data:`OUTPUT_MARKER`, or a legacy marker) with nothing else added;
     never a file, an input, or a folder above an input."""
     path = Path(path)
+    _check_name(path, flag)
     if path.exists() and not path.is_dir():
         raise _error(f"{flag} {str(path)!r} is a file; pass a folder path for the output.")
-    resolved = path.resolve()
-    for item in inputs:
-        if item is None:
-            continue
-        other = Path(item).resolve()
-        if other == resolved or resolved in other.parents:
-            raise _error(f"{flag} {str(path)!r} contains an input of this command ({item}); write to another folder.")
+    check_holds_no_input(path, flag, inputs)
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
         if entries:
@@ -379,6 +489,19 @@ def write_output_marker(folder: str | os.PathLike, command: str) -> Path:
     folder = Path(folder)
     files = sorted(p.name for p in folder.iterdir() if p.name != OUTPUT_MARKER)
     return atomic_write_json(folder / OUTPUT_MARKER, {"writer": f"layercap {command}", "files": files})
+
+
+def mark_written(path: str | os.PathLike, command: str) -> None:
+    """Add ``path``'s name to its folder's output marker (for a file written into a folder that
+    also holds the user's files, so that a rerun may replace it)."""
+    path = Path(path)
+    marker = path.parent / OUTPUT_MARKER
+    try:
+        doc = json.loads(marker.read_text(encoding="utf-8"))
+        files = set(doc.get("files", [])) if isinstance(doc, dict) else set()
+    except (OSError, ValueError, AttributeError):
+        files = set()
+    atomic_write_json(marker, {"writer": f"layercap {command}", "files": sorted(files | {path.name})})
 
 
 @contextmanager

@@ -166,6 +166,9 @@ class LayerScores:
             if zeta2 is None:
                 zeta2 = float("nan")
             layers.append(LayerScore(name=item["name"], zeta2=zeta2, params=item["params"], cost=item.get("cost")))
+        method = doc.get("method")
+        if method is not None and not isinstance(method, str):
+            raise LayercapError(f"{source}: 'method' = {method!r} must be a string (the score method's name) or absent.")
         metadata = doc.get("metadata", {})
         if not isinstance(metadata, dict):
             raise LayercapError(f"{source}: 'metadata' must be an object.")
@@ -197,7 +200,8 @@ class LayerScores:
     @classmethod
     def _load_csv(cls, path: Path) -> "LayerScores":
         rows = read_csv(path, "scores file", required=("name", "zeta2", "params"),
-                        hint="Expected a header 'name,zeta2,params' (optional 'cost').")
+                        hint="Expected a header 'name,zeta2,params' (optional 'cost').",
+                        allowed=("name", "zeta2", "params", "cost"))
         layers = []
         for i, row in enumerate(rows, start=1):
             where = f"{path}: row {i} ({row['name']!r})"

@@ -60,3 +60,44 @@ def build_options(cls, values: dict[str, Any], flags: dict[str, str] | None = No
         text = re.sub(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")\b",
                       lambda m: flags.get(m.group(1), flag(m.group(1))), str(exc), count=1)
         raise LayercapError(text) from exc
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """True when the user typed the option ``dest`` (not just its default); see ``cli.given_dests``.
+    Called outside the CLI (no record of what was typed), nothing counts as given."""
+    return dest in (getattr(args, "_given", None) or ())
+
+
+def refuse_ignored(args: argparse.Namespace, dests: dict[str, str], reason: str, fix: str) -> None:
+    """Refuse the options among ``dests`` (dest -> flag) that the user gave although the chosen
+    setting ignores them (``reason``): the user meant something the program would not do."""
+    typed = [flag for dest, flag in dests.items() if given(args, dest)]
+    if typed:
+        raise LayercapError(f"{', '.join(typed)}: ignored {reason}; {fix}.")
+
+
+def check_score_method_options(args, builtin) -> None:
+    """Refuse the curvature options that the chosen built-in method does not read."""
+    if args.method not in builtin:
+        return
+    if args.method != "exact":
+        refuse_ignored(args, {"cg_tol": "--cg-tol", "cg_max_iter": "--cg-max-iter"},
+                       f"by --method {args.method} (conjugate-gradient options of --method exact)", "drop them")
+    if args.method not in ("kfac", "ekfac"):
+        refuse_ignored(args, {"max_factor_gb": "--max-factor-gb"}, f"by --method {args.method} (K-FAC factor memory)",
+                       "drop it")
+    if args.method == "gradnorm":
+        refuse_ignored(args, {"fisher": "--fisher", "damping": "--damping", "damping_mode": "--damping-mode"},
+                       "by --method gradnorm (C = 0: no curvature, no damping)", "drop them or pick a curvature method")
+
+
+SEED_MAX = 2 ** 32 - 1  # numpy's limit (transformers.set_seed seeds numpy too)
+
+
+def check_seeds(args: argparse.Namespace) -> None:
+    """Every ``--seed`` / ``--seeds`` value a whole number in [0, 2^32 - 1], before any work."""
+    for dest in ("seed", "seeds"):
+        values = getattr(args, dest, None)
+        for value in [values] if isinstance(values, int) else (values or []):
+            if not 0 <= value <= SEED_MAX:
+                raise LayercapError(f"--{dest} {value}: a seed is a whole number in [0, {SEED_MAX:,}].")

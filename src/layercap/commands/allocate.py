@@ -50,6 +50,22 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+ALLOCATION_FLAGS = {"budget": "--budget", "cost": "--cost", "beta": "--beta", "alpha": "--alpha", "lower": "--min", "upper": "--max"}
+BETA_RULES = ("mdl", "layerif", "alphalora")  # the rules whose weights are q^beta
+
+
+def check_allocation_options(args, rule: str) -> None:
+    """Refuse --beta / --alpha given to a rule that does not read them."""
+    from layercap.commands._options import refuse_ignored
+
+    if rule not in BETA_RULES:
+        refuse_ignored(args, {"beta": "--beta"}, f"by --rule {rule} (only {', '.join(BETA_RULES)} weight by q^beta)",
+                       "drop it or pick one of those rules")
+    if rule != "mdl":
+        refuse_ignored(args, {"alpha": "--alpha"}, f"by --rule {rule} (only the mdl program has alpha)",
+                       "drop it or use --rule mdl")
+
+
 def parse_alpha(value: str):
     if value == "auto":
         return "auto"
@@ -108,6 +124,7 @@ def main(args) -> int:
     from layercap.programs.rules import allocation_by_rule
     from layercap.scorefile import LayerScores
 
+    check_allocation_options(args, args.rule)
     out = check_output(args.output, args.csv, inputs=(args.scores, args.cost))
     scores = LayerScores.load(args.scores)
     alloc = allocation_by_rule(

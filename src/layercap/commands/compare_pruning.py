@@ -74,6 +74,15 @@ def main(args) -> int:
         print(result.markdown())
         print(f"wrote {args.output}/comparison.json, comparison.csv, comparison.md, comparison.png ({len(result.cells)} cells)")
         return 0
+    from layercap.commands._options import refuse_ignored
+
+    sources = {r.partition(":")[2] for r in args.rules}
+    if not sources & {"damage", "obd"}:
+        refuse_ignored(args, {"damage_levels": "--damage-levels", "damage_nsamples": "--damage-nsamples"},
+                       "without an mdl:damage or mdl:obd rule (damage-curve options)", "drop them or add such a rule")
+    if "evopress" not in args.rules:
+        refuse_ignored(args, {"search_generations": "--search-generations"}, "without the evopress rule",
+                       "drop it or add --rules evopress")
     if not args.data:
         raise LayercapError("--data is required: pass calibration text, e.g. --data ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
     options = build_options(PruningSweepOptions, dict(

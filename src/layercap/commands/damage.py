@@ -53,9 +53,16 @@ def _validate(args) -> None:
             raise LayercapError(f"{flag} must be >= 1, got {value}.")
     if not Path(args.data).exists():
         raise LayercapError(f"--data {args.data!r} does not exist; pass a text, JSON/JSONL file or a directory.")
-    out = Path(args.output)
-    if out.is_dir():
-        raise LayercapError(f"-o {args.output!r} is a directory; pass a file path such as damage.json.")
+    from layercap.commands._options import refuse_ignored
+    from layercap.io import check_output_file
+    from layercap.models.checks import check_device
+
+    if not args.obd:
+        refuse_ignored(args, {"fisher": "--fisher"}, "without --obd (the Fisher labels of the OBD estimates)",
+                       "drop it or add --obd diag")
+    check_output_file(args.output, "-o", [args.data])
+    check_output_file(Path(args.output).with_name(Path(args.output).name + ".partial"), "-o (its .partial table)", [args.data])
+    check_device(args.device)
 
 
 def main(args) -> int:
@@ -69,6 +76,9 @@ def main(args) -> int:
     if args.fresh:
         partial.unlink(missing_ok=True)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    from layercap.models.checks import check_seqlen
+
+    check_seqlen(model, args.seqlen)
     calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     blocks = find_blocks(model)
     curvature = curvature_stats(model, calib, args.obd, fisher=args.fisher, seed=args.seed) if args.obd else None

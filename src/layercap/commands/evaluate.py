@@ -61,6 +61,14 @@ def validate(args) -> None:
         raise LayercapError(f"--limit must be >= 1, got {args.limit}.")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise LayercapError(f"--max-tokens must be >= 2, got {args.max_tokens}.")
+    from layercap.commands._options import refuse_ignored
+
+    if not args.ppl:
+        refuse_ignored(args, {"stride": "--stride", "max_tokens": "--max-tokens"},
+                       "without --ppl (perplexity options)", "drop them or pass --ppl TEXT")
+    if not args.tasks:
+        refuse_ignored(args, {"limit": "--limit"} if args.lm_eval else {"limit": "--limit", "seed": "--seed"},
+                       "without --tasks or --lm-eval (task options)", "drop them or pass --tasks PATH")
     from layercap.io import check_input_file
 
     for p in args.ppl:

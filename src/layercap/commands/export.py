@@ -45,6 +45,17 @@ def main(args) -> int:
     from layercap.errors import LayercapError
     from layercap.export import ExportOptions, export
 
+    from layercap.commands._options import refuse_ignored
+
+    llmc = {"method": "--method", "structure": "--structure", "dampening_frac": "--dampening-frac", "block_size": "--block-size"}
+    peft = {"rank_unit": "--rank-unit", "targets": "--targets", "alpha_ratio": "--alpha-ratio", "dropout": "--dropout"}
+    table = {"blocks": "--blocks", "modules": "--modules"}
+    if args.format == "llmcompressor":
+        refuse_ignored(args, {**peft, **table}, "by --format llmcompressor", "drop them")
+    elif args.format == "peft":
+        refuse_ignored(args, {**llmc, **table}, "by --format peft", "drop them")
+    else:  # the tables read the structure (ratios) and the LoRA options (ranks)
+        refuse_ignored(args, {k: v for k, v in llmc.items() if k != "structure"}, f"by --format {args.format}", "drop them")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
     if args.targets is not None and not targets:
         raise LayercapError(f"--targets {args.targets!r} names no module; pass e.g. q_proj,v_proj.")

@@ -27,9 +27,24 @@ def add_training_args(p: argparse.ArgumentParser, per_task: bool = False) -> Non
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def check_training_flags(args) -> None:
+    """Refuse training flags that the chosen settings ignore."""
+    from layercap.commands._options import given, refuse_ignored
+
+    if getattr(args, "adapter", "moe") != "moe":
+        refuse_ignored(args, {"top_k": "--top-k", "aux_coef": "--aux-coef"}, f"by --adapter {args.adapter} (LoRA-MoE options)",
+                       "drop them or use --adapter moe")
+    if given(args, "max_steps") and args.max_steps > 0:
+        refuse_ignored(args, {"epochs": "--epochs"}, "when --max-steps is given (it overrides epochs)", "give one of the two")
+    if not args.eval:
+        refuse_ignored(args, {"limit_eval": "--limit-eval", "eval_format": "--eval-format", "eval_batch_size": "--eval-batch-size"},
+                       "without --eval (evaluation options)", "drop them or pass --eval TASK")
+
+
 def options_from_args(args, seed: int):
     from layercap.apply.finetune import FinetuneOptions
 
+    check_training_flags(args)
     return build_options(FinetuneOptions, field_values(args, FinetuneOptions, seed=seed, progress=not args.no_progress))
 
 

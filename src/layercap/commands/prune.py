@@ -68,7 +68,13 @@ def read_ratios(path: str) -> dict[str, float]:
 
 def _validate(args) -> None:
     """Everything checkable before the model is loaded."""
-    if args.method != "magnitude":
+    if args.method == "magnitude":
+        from layercap.commands._options import refuse_ignored
+
+        refuse_ignored(args, {"data": "--data", "nsamples": "--nsamples", "seqlen": "--seqlen", "batch_size": "--batch-size",
+                              "bos": "--bos"}, "by --method magnitude (it reads no calibration data)",
+                       "drop them or use --method wanda / sparsegpt")
+    else:
         if not args.data:
             raise LayercapError(f"--method {args.method} needs calibration data: pass --data PATH (e.g. ../shared/data/corpora/wikitext-2-raw/wiki.test.raw), or use --method magnitude.")
         if not Path(args.data).exists():

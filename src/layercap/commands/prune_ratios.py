@@ -27,6 +27,25 @@ def add_pruning_options(p: argparse.ArgumentParser, sparsity_required: bool = Tr
     p.add_argument("--max-ratio", type=float, default=0.95, help="highest per-layer ratio (default 0.95)")
 
 
+PRUNING_FLAGS = {"sparsity": "--sparsity", "mode": "--mode", "eta": "--eta", "p": "--p", "gamma": "--gamma", "bits": "--bits",
+                 "min_ratio": "--min-ratio", "max_ratio": "--max-ratio"}
+
+
+def check_pruning_options(args, rule: str) -> None:
+    """Refuse program options given to a rule or mode that does not read them."""
+    from layercap.commands._options import refuse_ignored
+
+    if rule not in ("mdl", "mdl-paper"):
+        refuse_ignored(args, {k: PRUNING_FLAGS[k] for k in ("mode", "eta", "p", "gamma", "bits")},
+                       f"by --rule {rule} (options of the mdl program)", "drop them or use --rule mdl")
+    elif rule == "mdl-paper":
+        refuse_ignored(args, {k: PRUNING_FLAGS[k] for k in ("mode", "gamma", "bits")},
+                       "by --rule mdl-paper (it fixes the mode)", "drop them or use --rule mdl")
+    elif args.mode != "at-least":
+        refuse_ignored(args, {"gamma": "--gamma", "bits": "--bits"}, "in --mode exact (at-least mode only)",
+                       "drop them or add --mode at-least")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     from layercap.programs.rules import PRUNING_RULES
 
@@ -49,6 +68,7 @@ def main(args) -> int:
     from layercap.programs.rules import ratios_by_rule
     from layercap.scorefile import LayerScores
 
+    check_pruning_options(args, args.rule)
     out = check_output(args.output, args.csv, inputs=(args.scores,))
     scores = LayerScores.load(args.scores)
     ratios = ratios_by_rule(args.rule, scores, args.sparsity, mode=args.mode, eta=args.eta, p=args.p,

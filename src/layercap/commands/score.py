@@ -78,6 +78,9 @@ def _validate(args):
     from layercap.scores.registry import get_method
 
     method = get_method(args.method)  # unknown names -> LayercapError listing the available ones
+    from layercap.commands._options import check_score_method_options
+
+    check_score_method_options(args, BUILTIN)
     if method.needs_data:
         if not args.data:
             raise LayercapError(f"--method {args.method} needs calibration data: pass --data PATH "
@@ -94,19 +97,18 @@ def _validate(args):
         raise LayercapError(f"--cg-tol must be a finite number > 0, got {args.cg_tol}.")
     if args.max_factor_gb is not None and not args.max_factor_gb > 0:
         raise LayercapError(f"--max-factor-gb must be > 0, got {args.max_factor_gb}.")
-    from layercap.io import check_output_file
+    from layercap.io import check_holds_no_input, check_output_file
 
-    out = Path(args.output)
-    if out.is_dir() or str(out) in (".", ".."):
-        raise LayercapError(f"-o {args.output!r} is a folder; pass a file name such as scores.json.")
+    out, inputs = Path(args.output), [args.data, args.groups]
+    check_output_file(out, "-o", inputs)
     if out.suffix.lower() not in (".json", ".csv"):
         raise LayercapError(f"-o {args.output!r}: use a .json or .csv file name.")
-    inputs = [args.data, args.groups]
-    check_output_file(out, "-o", inputs)
     if args.csv and out.suffix.lower() != ".csv":
         check_output_file(out.with_suffix(".csv"), "--csv (the CSV beside -o)", inputs)
     if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
         raise LayercapError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file; pass a folder.")
+    if args.checkpoint_dir:
+        check_holds_no_input(args.checkpoint_dir, "--checkpoint-dir", [i for i in (*inputs, args.model) if i and Path(i).exists()])
     check_regex(args.blocks, "--blocks")
     check_regex(args.modules, "--modules")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

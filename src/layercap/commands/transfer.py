@@ -39,13 +39,18 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def check_program_options(args) -> None:
     """Refuse options that the chosen program would ignore (the user meant something else)."""
+    from layercap.commands._options import refuse_ignored
+    from layercap.commands.allocate import ALLOCATION_FLAGS, check_allocation_options
+    from layercap.commands.prune_ratios import PRUNING_FLAGS, check_pruning_options
+
     if args.program == "pruning":
-        given = [flag for flag, value in (("--budget", args.budget), ("--cost", args.cost), ("--max", args.upper)) if value is not None]
-        if given:
-            raise LayercapError(f"{', '.join(given)}: allocation option(s), ignored by --program pruning; drop them "
-                                "or use --program allocation.")
-    elif args.sparsity is not None:
-        raise LayercapError("--sparsity: a pruning option, ignored by --program allocation; drop it or use --program pruning.")
+        refuse_ignored(args, ALLOCATION_FLAGS, "by --program pruning (allocation options)",
+                       "drop them or use --program allocation")
+        check_pruning_options(args, "mdl")
+    else:
+        refuse_ignored(args, PRUNING_FLAGS, "by --program allocation (pruning options)",
+                       "drop them or use --program pruning")
+        check_allocation_options(args, "mdl")
 
 
 def main(args) -> int:

@@ -69,11 +69,12 @@ class CalibrationSet:
                 "seed": int(self.seed), "tokens": self.num_tokens, "bos": self.bos.to_dict()}
 
 
-def _record_text(record) -> str:
+def _record_text(record, source="", index=0) -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        return json.dumps(record)
+        raise LayercapError(f"calibration data {source}: record {index} is a {type(record).__name__}, not text; expected "
+                            'strings or objects with a "text" field.')
     if "text" in record:
         return str(record["text"])
     if "instruction" in record:
@@ -91,15 +92,26 @@ def _record_text(record) -> str:
     return " ".join(str(v) for v in record.values() if isinstance(v, str))
 
 
+HINT = "Pass --data with a UTF-8 text, JSON/JSONL file or a directory."
+
+
 def read_text(path: str | Path) -> str:
-    """The calibration text of a file or directory (see module docstring)."""
+    """The calibration text of a file or directory (see module docstring); refused when it holds no text."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in TEXT_SUFFIXES_SKIPPED)
         if not files:
             raise LayercapError(f"calibration directory {path} contains no files.")
-        return "\n\n".join(read_text(f) for f in files)
-    hint = "Pass --data with a UTF-8 text, JSON/JSONL file or a directory."
+        text = "\n\n".join(_file_text(f) for f in files)
+    else:
+        text = _file_text(path)
+    if not text.strip():
+        raise LayercapError(f"calibration data {path}: no text in it (empty or only whitespace). {HINT}")
+    return text
+
+
+def _file_text(path: Path) -> str:
+    hint = HINT
     if not path.exists():
         raise LayercapError(f"calibration data {str(path)!r} does not exist. {hint}")
     check_input_file(path, "calibration data", hint)
@@ -108,11 +120,13 @@ def read_text(path: str | Path) -> str:
     if path.suffix == ".json":
         doc = parse_json(raw, path, "calibration data")
         records = doc if isinstance(doc, list) else [doc]
-        return "\n\n".join(_record_text(r) for r in records)
-    if path.suffix == ".jsonl":
+        text = "\n\n".join(_record_text(r, path, i) for i, r in enumerate(records))
+    elif path.suffix == ".jsonl":
         records = parse_jsonl(raw, path)
-        return "\n\n".join(_record_text(r) for r in records)
-    return raw.replace("\r\n", "\n")
+        text = "\n\n".join(_record_text(r, path, i) for i, r in enumerate(records))
+    else:
+        text = raw.replace("\r\n", "\n")
+    return text
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:

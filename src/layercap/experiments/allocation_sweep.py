@@ -139,7 +139,11 @@ class _Sweep:
         if self._base is None:
             from layercap.models import load_model
 
+            from layercap.models.checks import check_seqlen
+
             self._base = load_model(self.options.model, dtype=self.options.dtype)
+            check_seqlen(self._base[0], self.options.calib_seqlen, "--calib-seqlen")
+            check_seqlen(self._base[0], self.options.finetune.max_length, "--max-length")
         return self._base
 
 
@@ -311,7 +315,10 @@ def run_allocation_sweep(options: AllocationSweepOptions, outdir: str | Path, *,
     An OUTDIR that holds files is used only with ``resume`` and only if this sweep wrote it
     (it has the runner's ``stages.json``); nothing else in it is touched.
     """
+    from layercap.io import check_output_parent
+
     out = Path(outdir)
+    check_output_parent(out, "-o")
     if out.exists() and not out.is_dir():
         raise LayercapError(f"output {out} is a file; pass a directory.")
     if out.is_dir() and any(out.iterdir()):

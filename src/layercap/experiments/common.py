@@ -74,7 +74,10 @@ def drop_timings(doc: Any) -> Any:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON artefact of a run, checked (binary, truncated or malformed: a LayercapError naming it)."""
+    from layercap.io import read_json as checked
+
+    return checked(path, "run artefact", "It may be damaged; delete it to recompute, or choose a new -o.")
 
 
 def prunable_scores(scores, prunable: dict[str, int]):

@@ -277,6 +277,12 @@ class PipelineConfig:
                                 f"{self.pruning.max_ratio}; choose min_ratio <= sparsity <= max_ratio.")
         if self.allocation.upper is not None and self.allocation.upper < self.allocation.lower:
             raise LayercapError(f"allocation.upper = {self.allocation.upper} is below allocation.lower = {self.allocation.lower}.")
+        if self.model.spec.startswith("tiny-"):
+            from layercap.models.tiny import FAMILIES
+
+            if self.model.spec[len("tiny-"):] not in FAMILIES:
+                raise LayercapError(f"model.spec = {self.model.spec!r}: no such tiny model; use one of "
+                                    f"{', '.join('tiny-' + f for f in FAMILIES)}.")
         if self.model.spec.startswith("tiny-") and self.model.tiny_hidden % 4:
             raise LayercapError(f"model.tiny_hidden = {self.model.tiny_hidden} must be a multiple of 4 (4 attention heads).")
 
@@ -399,8 +405,10 @@ def default_config_text() -> str:
 
 
 def _read_yaml(text: str, source: str) -> Any:
+    from layercap.io import yaml_load
+
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text, source)
     except yaml.YAMLError as exc:
         raise LayercapError(f"{source}: not valid YAML ({' '.join(str(exc).split())}).") from exc
 

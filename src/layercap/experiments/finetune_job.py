@@ -146,12 +146,9 @@ def training_data(model, tokenizer, train_path, eval_path, options: FinetuneOpti
 
     bos = resolve_bos(options.bos, tokenizer, model)
     if is_text_corpus(train_path):
-        from layercap.models.checks import check_seqlen
-
         if eval_path is not None:
             raise LayercapError(f"{train_path} is a text corpus: it is evaluated on its own held-out part (the last "
                                 f"heldout_fraction of its tokens); drop the eval file.")
-        check_seqlen(model, options.max_length)
         split = domain_split(tokenizer, train_path, options.max_length, options.heldout_fraction,
                              heldout_windows=options.limit_eval, bos=bos)
         examples = split.examples()
@@ -193,7 +190,11 @@ def resume_point(outdir: Path, run_config: dict, resume: bool) -> tuple[Path | N
         return None, False
     previous = outdir / RUN_FILE
     if previous.is_file():
-        before = json.loads(previous.read_text())
+        from layercap.io import read_json
+
+        before = read_json(previous, "run config", "It may be damaged; delete it to recompute, or choose a new -o.")
+        if not isinstance(before, dict) or not isinstance(before.get("options"), dict):
+            raise LayercapError(f"{previous}: not a run config layercap wrote; delete it or choose a new -o.")
         if before != json.loads(json.dumps(run_config)):
             diff = sorted(k for k in set(before["options"]) | set(run_config["options"])
                           if before["options"].get(k) != run_config["options"].get(k))
@@ -221,7 +222,10 @@ def finetune(
     ``model`` is modified in place (adapters injected). Everything is validated before the first
     write. ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. to stop early in tests).
     """
+    from layercap.models.checks import check_seqlen
+
     outdir = check_run_dir(outdir, markers=(RUN_FILE, RESULT_FILE, CHECKPOINTS))
+    check_seqlen(model, options.max_length, "--max-length")
     counts = check_counts_for(model, counts, options)
     dataset, split, tasks = training_data(model, tokenizer, train_path, eval_path, options)
     run_config = {"options": {k: v for k, v in options.to_dict().items() if k != "progress"}, "counts": counts,

@@ -191,7 +191,7 @@ def load_calibration(ctx: RunContext):
     from layercap.data.bos import BosChoice
     from layercap.data.calibration import CalibrationSet
 
-    meta = json.loads(ctx.path("data/data.json").read_text(encoding="utf-8"))
+    meta = read_json(ctx.path("data/data.json"))
     ids = torch.from_numpy(np.load(ctx.path("data/calibration.npy"), allow_pickle=False))
     return CalibrationSet(ids, meta["sha256"], meta["source"], meta["seed"], BosChoice.from_dict(meta.get("bos", {})))
 

@@ -42,7 +42,9 @@ from typing import Any, Callable
 from layercap.errors import LayercapError
 from layercap.experiments.common import check_device, file_hash, model_fingerprint, prunable_scores
 from layercap.experiments.runner import Stage, StageRunner, check_run_dir, removed_on_failure, run_stages
-from layercap.io import atomic_write_json, sha256_json
+from layercap.io import atomic_write_json, read_json, sha256_json
+
+HINT = "It may be damaged; delete it to recompute, or choose a new -o."
 from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, RuleSpec, parse_rule
 from layercap.report.pruning_table import cell_id
 
@@ -112,6 +114,12 @@ class PruningSweepOptions:
         for name in ("nsamples", "seqlen", "eval_seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise LayercapError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.limit is not None and self.limit < 1:
+            raise LayercapError(f"limit must be >= 1, got {self.limit}.")
+        if not self.max_ratio < 1.0:
+            raise LayercapError(f"max_ratio {self.max_ratio} must be < 1 (a ratio of 1 removes a whole block).")
+        if not 0.0 <= self.min_ratio <= self.max_ratio:
+            raise LayercapError(f"min_ratio {self.min_ratio} must lie in [0, max_ratio = {self.max_ratio}].")
         if not self.ppl and not self.tasks:
             raise LayercapError("nothing to compare on: give ppl texts and/or tasks.")
         if not Path(self.data).exists():
@@ -334,6 +342,11 @@ def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
     model, tokenizer = load_model(o.model, dtype=o.dtype, device=o.device)
     calib = calibration_set(tokenizer, o.data, nsamples=o.nsamples, seqlen=o.seqlen, seed=o.seed, bos=o.bos, model=model,
                             start_token=o.start_token)
+    from layercap.models.checks import check_seqlen
+
+    check_seqlen(model, o.seqlen, "--seqlen")
+    if o.ppl:
+        check_seqlen(model, o.eval_seqlen, "--eval-seqlen")
     settings = {
         "model": str(o.model), "model_fingerprint": model_fingerprint(o.model), "dtype": o.dtype, "data": str(o.data),
         "calibration_sha256": calib.sha256, "nsamples": o.nsamples, "seqlen": o.seqlen, "seed": o.seed,
@@ -349,7 +362,7 @@ def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
         stages = plan(sweep)
         summary = run_stages(runner, stages, sweep, lambda m: None, keep_only_plan=False)
     atomic_write_json(out / RUN_FILE, {"settings": settings, "settings_sha256": sha256_json(settings)})
-    cells = [CellResult.from_dict(json.loads((out / f"cells/{s.name[len('cell:'):]}.json").read_text()))
+    cells = [CellResult.from_dict(read_json(out / f"cells/{s.name[len('cell:'):]}.json", "comparison cell", HINT))
              for s in stages if s.name.startswith("cell:")]
     result = Comparison(settings, EvalResult.load(out / "cells" / "dense.json"), cells)
     write_outputs(result, out)
@@ -367,13 +380,13 @@ def collect(outdir: str | Path):
     run_file, dense_file = outdir / RUN_FILE, outdir / "cells" / "dense.json"
     if not run_file.is_file() or not dense_file.is_file():
         raise LayercapError(f"{outdir} holds no comparison run (run.json and cells/dense.json missing); run compare-pruning first.")
-    run = json.loads(run_file.read_text(encoding="utf-8"))
+    run = read_json(run_file, "comparison run file", HINT)
     current = run.get("settings_sha256")
     cells = []
     for f in sorted((outdir / "cells").glob("*.json")):
         if f.name == "dense.json":
             continue
-        cell = CellResult.from_dict(json.loads(f.read_text(encoding="utf-8")))
+        cell = CellResult.from_dict(read_json(f, "comparison cell", HINT))
         if cell.settings_sha256 in (None, current):  # None: a cell written before settings were recorded per cell
             cells.append(cell)
     pruner_order = {m: i for i, m in enumerate(PRUNERS)}

@@ -113,10 +113,9 @@ class Manifest:
         path = Path(path)
         if not path.is_file():
             return cls()
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise LayercapError(f"{path}: not valid JSON ({exc}); delete it to rerun every stage.") from exc
+        from layercap.io import read_json
+
+        doc = read_json(path, "run manifest", "Delete it to rerun every stage.")
         return cls.from_dict(doc, str(path))
 
 
@@ -370,7 +369,10 @@ def check_run_dir(run_dir: str | Path, markers: tuple[str, ...] = (MANIFEST,), f
     """``run_dir`` if layercap may write there: new, empty, or holding one of ``markers`` (files a
     layercap job wrote). A folder of someone else's files is refused: a job writes fixed names
     (config.yaml, report.md, ...) and must never overwrite what it did not write."""
+    from layercap.io import check_output_parent
+
     run_dir = Path(run_dir)
+    check_output_parent(run_dir, flag)
     if run_dir.exists() and not run_dir.is_dir():
         raise LayercapError(f"{flag} {run_dir}: exists and is not a directory; pass a directory for the run's artefacts.")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in markers):

@@ -124,7 +124,18 @@ def export(decisions_path: str | os.PathLike, fmt: str, output: str | os.PathLik
         raise LayercapError(f"--format {fmt!r}; allowed: {', '.join(FORMATS)}.")
     spec = FORMATS[fmt]
     options = options or ExportOptions()
+    from layercap.io import check_input_file
+
+    check_input_file(decisions_path, "decisions file")
     check_not_input(output, [decisions_path, model_spec if model_spec and Path(model_spec).exists() else None])
+    from layercap.io import check_output_file
+
+    target = Path(output) / "adapter_config.json" if spec.directory else Path(output)
+    if spec.directory and Path(output).exists() and not Path(output).is_dir():
+        raise LayercapError(f"-o {output} is a file; --format {fmt} writes a directory.")
+    if not spec.directory and Path(output).is_dir():
+        raise LayercapError(f"-o {output} is a directory; --format {fmt} writes a file.")
+    check_output_file(target, "-o", [decisions_path])
     decisions = load_decisions(decisions_path)
     if not isinstance(decisions, spec.reads):
         require_kind(decisions, spec.reads[0], fmt, decisions_path)
@@ -132,8 +143,6 @@ def export(decisions_path: str | os.PathLike, fmt: str, output: str | os.PathLik
         raise LayercapError(f"--format {fmt} needs the model (module names and shapes): pass --model MODEL.")
     if model is None and model_spec is not None:
         model = model_skeleton(model_spec)
-    if not spec.directory and Path(output).is_dir():
-        raise LayercapError(f"-o {output} is a directory; --format {fmt} writes a file.")
     return spec.write(decisions, decisions_path, output, model, model_spec, options)
 
 

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_write_json
+from layercap.io import atomic_write_json, read_json
 from layercap.models.sparse_format import BITMASK, BITMASK_24, shard_files, encode
 
 LAYOUT_VERSION = "0.14.0"  # compressed-tensors release whose sparse layout this writes
@@ -57,7 +57,7 @@ def compress_checkpoint(directory: str | os.PathLike, modules: list[str], struct
     directory = Path(directory)
     wanted = {f"{m}.weight" for m in modules}
     index_path = directory / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    index = read_json(index_path, "weight index") if index_path.is_file() else None
     encoded, seen, dense_bytes, stored_bytes, zeros, total = [], set(), 0, 0, 0, 0
     for shard in shard_files(directory):
         tensors = load_file(str(shard))
@@ -108,7 +108,7 @@ def _metadata(shard: Path) -> dict[str, str]:
 
 def _update_config(directory: Path, fmt: str, structure: str, targets: list[str], global_sparsity: float) -> None:
     cfg_path = directory / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path, "model config")
     if cfg.get("quantization_config"):
         raise LayercapError(f"{directory}: the model already has a quantization_config; sparse compression of a quantized "
                             "model is not supported, save with --save-format dense.")

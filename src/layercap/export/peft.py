@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_write_bytes
+from layercap.io import atomic_write_bytes, mark_written
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -41,4 +41,6 @@ def write_adapter_config(config, outdir: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
         data = (Path(tmp) / CONFIG_NAME).read_bytes()
-    return atomic_write_bytes(outdir / CONFIG_NAME, data)
+    written = atomic_write_bytes(outdir / CONFIG_NAME, data)
+    mark_written(written, "export")
+    return written

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from layercap.errors import LayercapError
+from layercap.io import read_json
 
 BITMASK = "sparse-bitmask"
 BITMASK_24 = "sparse-24-bitmask"
@@ -94,7 +95,7 @@ def sparsity_config(directory: str | os.PathLike) -> dict | None:
     if not cfg_path.is_file():
         return None
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, "model config")
     except json.JSONDecodeError:
         return None
     sc = ((cfg.get("quantization_config") or cfg.get("compression_config") or {}).get("sparsity_config") or {})
@@ -104,7 +105,7 @@ def sparsity_config(directory: str | os.PathLike) -> dict | None:
 def shard_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        return sorted({directory / f for f in read_json(index, "weight index")["weight_map"].values()})
     single = directory / "model.safetensors"
     if not single.is_file():
         raise LayercapError(f"{directory}: no model.safetensors (or index); a compressed-tensors checkpoint is safetensors.")

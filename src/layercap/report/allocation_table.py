@@ -14,7 +14,7 @@ from typing import Any
 
 
 from layercap.errors import LayercapError
-from layercap.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
+from layercap.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 
 SCHEMA = "layercap.allocation_comparison/v1"
 
@@ -77,7 +77,7 @@ class AllocationComparison:
 
     @classmethod
     def load(cls, path) -> "AllocationComparison":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "comparison", "Rerun the comparison with --resume."))
 
 
 def _pm(row, key, scale=1.0, digits=3):

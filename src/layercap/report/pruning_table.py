@@ -12,7 +12,7 @@ from pathlib import Path
 
 from layercap.errors import LayercapError
 from layercap.evaluate import EvalResult
-from layercap.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from layercap.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from layercap.programs.rules import RuleSpec
 
 SCHEMA = "layercap.comparison/v1"
@@ -105,7 +105,7 @@ class Comparison:
     @classmethod
     def load(cls, path: str | Path) -> "Comparison":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            return cls.from_dict(read_json(path, "comparison", "Rebuild it with --report-only."))
         except (OSError, json.JSONDecodeError) as exc:
             raise LayercapError(f"cannot read comparison {path}: {exc}.") from exc
 

@@ -59,8 +59,18 @@ class FinetuneOptions:
             raise LayercapError(f"bos must be one of auto, always, never, got {self.bos!r}.")
         if self.eval_format not in EVAL_FORMATS:
             raise LayercapError(f"eval_format must be one of {', '.join(EVAL_FORMATS)}, got {self.eval_format!r}.")
+        import math
+
+        for name in ("epochs", "lr", "aux_coef", "alpha", "warmup_ratio", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise LayercapError(f"{name} must be a finite number, got {value!r}.")
+        if self.targets is not None and not [t for t in self.targets if str(t).strip()]:
+            raise LayercapError("targets names no Linear; pass module names such as q_proj,v_proj (or leave it out).")
         checks = [
             (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.max_steps >= -1, f"max_steps must be >= 1 (or -1: use epochs), got {self.max_steps}"),
             (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
             (self.aux_coef >= 0, f"aux_coef must be >= 0, got {self.aux_coef}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
