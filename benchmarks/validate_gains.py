@@ -550,8 +550,9 @@ def main(argv=None) -> int:
         print("\nTrust region of the calibrated methods (r = measured decrease / (zeta^2/2) at the accepted lambda; "
               "the gain columns use the line-searched decrease):\n")
         print(calibration_table(result))
-    print("\nQuadratic-model check (Newton step of each method on its own statistics):\n")
-    print(quadratic_check(result))
+    if result.newton:
+        print("\nQuadratic-model check (Newton step of each method on its own statistics):\n")
+        print(quadratic_check(result))
     print("\nwall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.wall_time_s.items()))
     print(f"\nwrote {args.out}")
     return 0
