@@ -388,6 +388,7 @@ def run(args) -> GainsValidation:
         if tr_spec is not None and tr_spec in args.methods and tr_spec not in scores:
             scores[tr_spec] = [2.0 * p for p in info["predicted_decrease"]]  # zeta2 at the accepted lambda
             state["score_info"][tr_spec] = {k: info[k] for k in TR_FIELDS if k in info and not k.startswith("gain")}
+            state["score_info"][tr_spec]["forward_passes"] = 1 + sum(info["tr_evals"])  # without the line search
             timings[f"score:{tr_spec}"] = time.perf_counter() - t - info["timing"]["gain_line_search_s"]
         timings[f"score:{spec}"] = time.perf_counter() - t
         state["wall_time_s"] = timings
@@ -478,7 +479,7 @@ def calibration_table(result: GainsValidation, low: float = 0.25, high: float = 
         r = np.asarray(info["tr_ratio"], float)
         grow = np.asarray(info["damping_lambda"], float) / np.maximum(np.asarray(info["initial_lambda"], float), 1e-300)
         measured = info.get("gain_decrease", info["measured_decrease"])
-        wall = result.wall_time_s.get(f"score:{m}", float("nan"))
+        wall = next((v for k, v in result.wall_time_s.items() if k == f"score:{m}" or k.startswith(f"score:{m} (")), float("nan"))
         lines.append(f"| {m} | {int(np.sum((r >= low) & (r <= high)))}/{len(r)} | {int(np.sum(info['tr_accepted']))}/{len(r)} | "
                      f"{np.median(r):.3g} | {np.median(grow):.3g} | {np.sum(info['predicted_decrease']):.4g} / "
                      f"{np.sum(measured):.4g} | {info['forward_passes']} | {wall:.0f} |")
