@@ -8,6 +8,8 @@ or ru_maxrss on CPU) belongs to that measurement alone. The baseline is the plai
 step over the same windows and micro-batches: forward, mean-token-NLL, backward into .grad.
 ``exact`` is run on the first ``--exact-blocks`` blocks with ``--cg-iters`` CG iterations (it
 is a reference method; its cost scales with blocks x iterations).
+The calibrated methods (``kfac-tr``, ``diag-tr``, ``gain``, ...: the base method's passes plus a
+few forward passes per block) are measured the same way: ``--methods kfac,kfac-tr,gain``.
 Writes a JSON record (``layercap.bench.scoring/v1``) and prints a Markdown table.
 """
 
@@ -25,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "corpora" / "wikitext-2-raw" / "wiki.test.raw"
 METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact")
+# calibrated gains (scores/trust_region.py), measured with --methods, e.g. kfac,kfac-tr,diag-tr,gain
+CALIBRATED = ("diag-tr", "kfac-tr", "ekfac-tr", "exact-tr", "gain")
 
 
 def mistral_7b_shaped(device: str):
@@ -97,6 +101,7 @@ def measure_one(args) -> dict:
     return {"method": args.one, "wall_s": scores.metadata["wall_time_s"], "peak_bytes": scores.metadata["peak_memory_bytes"],
             "timing": info.get("timing"), "statistics_passes": info.get("statistics_passes"),
             "blocks": len(scores), "cg_iterations": info.get("cg_iterations"),
+            "forward_passes": info.get("forward_passes"), "tr_evals": info.get("tr_evals"),
             "zeta2": scores.zeta2.tolist()}
 
 
@@ -121,6 +126,14 @@ def write_record(out: Path, args, records: list[dict]) -> str:
                 note += f"; blocks streamed in {r['statistics_passes']} chunks"
         if r["method"] == "exact":
             note = f"{r['blocks']} block(s) x {r['cg_iterations']} CG iterations"
+        if r.get("forward_passes"):
+            t = r["timing"]
+            note = (f"{r['forward_passes']} forward passes ({r['forward_passes'] / r['blocks']:.1f} per block), "
+                    f"trust region {t['trust_region_s']:.1f} s")
+            if t.get("gain_line_search_s"):
+                note += f", line search {t['gain_line_search_s']:.1f} s"
+            if "fisher_pass_s" in t:
+                note += f"; stats pass {t['fisher_pass_s']:.1f} s"
         lines.append(f"| {r['method']} | {r['wall_s']:.1f} | {r['wall_s'] / base['wall_s']:.2f} | "
                      f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.2f} | {note} |")
     table = "\n".join(lines)

@@ -4,15 +4,15 @@ SPEC section 1 claims zeta_k^2 / 2 is the loss reduction (nats/token, second ord
 updating block k alone. For every block k this script measures two ground truths:
 
 (a) Newton: the damped Newton step d_k = -(C_k + lambda_k I)^{-1} g_k of each curvature method
-    whose step is available here (gradnorm: d = -g; diag; kfac: in the Kronecker eigenbasis,
-    non-Linear parameters diagonal; built from the scoring engine's ``fisher_pass`` statistics
-    with the same damping rule; exact: the conjugate-gradient solution of the engine's ``exact``
-    method itself), applied to block k alone. The true change of the mean token NLL is measured
+    (gradnorm: d = -g; diag; kfac, ekfac: in the Kronecker eigenbasis, non-Linear parameters
+    diagonal; exact: the conjugate-gradient solution), from the library
+    (``layercap.scores.trust_region.newton_steps``: the same curvature pieces as the scores, with
+    the same damping rule), applied to block k alone. The true change of the mean token NLL is measured
     on the statistics windows (where zeta^2 / 2 is the prediction) and on held-out windows, for
     the full step (t = 1) and with a line search: the step is scaled by t in ``--scales``, the t
     with the largest reduction on the statistics windows is kept ("newton_ls"), and the held-out
     reduction is measured at that t. At scale t the quadratic model predicts a decrease of
-    zeta^2 * t * (1 - t / 2). The ekfac step is not reconstructed here (its zeta^2 is scored).
+    zeta^2 * t * (1 - t / 2).
 (b) Optimiser: a fixed budget of ``--steps`` full-batch Adam steps (same lr for every block) on
     block k only, starting from the pretrained weights; loss reduction on the statistics windows
     and on held-out windows.
@@ -21,8 +21,10 @@ Method names take an optional Fisher flavour, ``diag:true`` or ``kfac:empirical`
 from the model or observed); without one, ``--fisher`` applies (default empirical, as ``layercap
 score``). A suffix ``@RHO`` sets that method's relative damping (``kfac:true@10``; default
 ``--damping``), so one record can hold a damping sweep. It then reports the Spearman rank
-correlation between each method's zeta_k^2 (gradnorm, diag, kfac, ekfac, exact) and each ground
-truth, and, for context, the baseline score sources
+correlation between each method's zeta_k^2 (gradnorm, diag, kfac, ekfac, exact), the calibrated
+variants (diag-tr, kfac-tr, ekfac-tr, exact-tr: zeta^2 at the per-block trust-region lambda) and
+the measured gains (gain = gain-kfac, gain-diag, ...: twice the line-searched decrease of the
+accepted step), and each ground truth, and, for context, the baseline score sources
 (alpha-hill, owl, influence) against the same ground truths. Statistics windows and held-out
 windows come from disjoint halves of the corpus.
 
@@ -38,6 +40,10 @@ parts can run as parallel processes with the same settings (``--methods ""`` / `
 select the parts; each saves ``<out>.partial.json`` after every finished unit) and be combined
 with ``--resume --merge A.partial.json B.partial.json --no-compute``. ``--resume`` alone restarts
 an interrupted run where it stopped.
+
+A ``gain-<base>`` score runs the ``<base>-tr`` search itself, so when both are asked for the
+``-tr`` scores are taken from the gain's record (the same trust region, not run twice). The
+calibrated methods' per-block r, lambdas and decreases are kept in ``score_info``.
 
 The result record (schema ``layercap.validate_gains/v1``) holds every per-block number.
 """
@@ -62,11 +68,26 @@ from layercap.io import atomic_write_json, sha256_bytes
 from layercap.scores.registry import FISHER_KINDS
 
 SCHEMA = "layercap.validate_gains/v1"
-CURVATURE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact")
+# calibrated gains (scores/trust_region.py): zeta^2 at the trust-region lambda, and the measured gain
+CALIBRATED = ("diag-tr", "kfac-tr", "ekfac-tr", "exact-tr", "gain", "gain-diag", "gain-kfac", "gain-ekfac", "gain-exact")
+CURVATURE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact") + CALIBRATED
 BASELINES = ("alpha-hill", "owl", "influence")
-STEP_METHODS = ("gradnorm", "diag", "kfac", "exact")
-FISHER_AWARE = ("diag", "kfac", "ekfac")  # methods whose curvature depends on the Fisher flavour
+STEP_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact")
+# methods whose curvature depends on the Fisher flavour
+FISHER_AWARE = ("diag", "kfac", "ekfac", "diag-tr", "kfac-tr", "ekfac-tr", "gain", "gain-diag", "gain-kfac", "gain-ekfac")
+EXACT_LIKE = ("exact", "exact-tr", "gain-exact")  # scored on the (optional) exact subset of the windows
+# per-block trust-region fields kept from the scores' method_info
+TR_FIELDS = ("initial_lambda", "damping_lambda", "tr_ratio", "tr_accepted", "tr_evals", "predicted_decrease",
+             "measured_decrease", "gain_scale", "gain_decrease", "base_loss", "forward_passes")
 DEFAULT_SCALES = (1.0, 0.25, 0.0625, 0.015625, 0.00390625, 0.0009765625)
+
+
+def tr_of_gain(spec: str) -> str | None:
+    """'gain:true@10' -> 'kfac-tr:true@10', 'gain-diag' -> 'diag-tr'; None for other methods."""
+    cut = min((i for i in (spec.find(":"), spec.find("@")) if i >= 0), default=len(spec))
+    head, tail = spec[:cut], spec[cut:]
+    head = "gain-kfac" if head == "gain" else head
+    return f"{head[5:]}-tr{tail}" if head.startswith("gain-") else None
 
 
 def parse_spec(spec: str, default_fisher: str, default_damping: float | None = None) -> tuple[str, str, float | None]:
@@ -104,96 +125,34 @@ def disjoint_windows(tokenizer, path: str, nsamples: int, seqlen: int, seed: int
     return out[0], out[1]
 
 
-@torch.no_grad()
 def mean_nll(model, calib: CalibrationSet, batch_size: int, device) -> float:
     """Mean next-token NLL over all predicted tokens (nats/token)."""
-    from layercap.scores.engine import logits_of, summed_nll
+    from layercap.scores.engine import local_windows
+    from layercap.scores.trust_region import mean_loss
 
-    total, count = 0.0, 0
-    for ids in calib.batches(batch_size):
-        ids = ids.to(device)
-        total += float(summed_nll(logits_of(model, ids), ids))
-        count += ids.shape[0] * (ids.shape[1] - 1)
-    return total / count
+    return mean_loss(model, local_windows(calib), batch_size, device)
 
 
-# ---- Newton steps from the engine's statistics ------------------------------------------------------
+# ---- Newton steps from the library (scores/trust_region.py: newton_steps) -----------------------------
 def newton_step(model, groups, calib, options, kind: str) -> dict[str, Any]:
-    """The damped Newton step of method ``kind`` (gradnorm, diag, kfac, exact) for every group:
-    {"steps": [{param_name: step tensor} per group], "zeta2": (K,) g^T (-d)}. ``options.fisher``
-    sets the Fisher flavour of diag and kfac."""
-    from layercap.scores.engine import make_context, unique_params
-    from layercap.scores.methods import (
-        damping_value, eig_psd, fisher_pass, is_conv1d, kron_linears, linear_param_ids,
-    )
+    """The damped Newton step of method ``kind`` (gradnorm, diag, kfac, ekfac, exact) for every
+    group: {"steps": [{param_name: step tensor} per group], "zeta2": (K,) g^T (-d)}, the same
+    pieces as the engine's scores. ``options.fisher`` sets the Fisher flavour."""
+    from layercap.scores.trust_region import newton_steps
 
+    steps, zeta2, info = newton_steps(model, groups, calib, options, kind)
+    rec = {"steps": steps, "zeta2": zeta2}
     if kind == "exact":
-        from layercap.scores.exact import exact_solutions
-
-        zetas, info, solutions = exact_solutions(model, groups, calib, options, keep_solutions=True)
-        return {"steps": [{n: -x for n, x in sol.items()} for sol in solutions], "zeta2": zetas.tolist(), "info": info}
-    if kind in ("gradnorm", "diag"):
-        stats = fisher_pass(model, groups, make_context(calib, options, f"validate-{kind}", groups, model), linears={})
-        steps = []
-        for grp in groups:
-            if kind == "gradnorm":
-                steps.append({n: -stats.g[n] for n, _ in grp.params})
-                continue
-            trace = sum(float(stats.fisher_diag[n].double().sum()) for n, _ in grp.params)
-            lam = damping_value(options, trace, grp.num_params)
-            steps.append({n: -stats.g[n] / (stats.fisher_diag[n].clamp_min(0) + lam) for n, _ in grp.params})
-    elif kind == "kfac":
-        linears = kron_linears(groups)
-        stats = fisher_pass(model, groups, make_context(calib, options, "validate-kfac", groups, model), linears)
-        names, params = unique_params(groups)
-        pnames = {id(p): n for n, p in zip(names, params)}
-        kron_ids = linear_param_ids(linears)
-        steps = []
-        for grp in groups:
-            diag_names = [n for n, p in grp.params if id(p) not in kron_ids]
-            trace = sum(float(stats.fisher_diag[n].double().sum()) for n in diag_names)
-            bases = {}
-            for name in grp.linears:
-                s_a, u_a = eig_psd(stats.a.pop(name))
-                s_g, u_g = eig_psd(stats.gg.pop(name))
-                bases[name] = (s_g, u_g, s_a, u_a)
-                trace += float(s_g.sum() * s_a.sum())
-            lam = damping_value(options, trace, grp.num_params)
-            step = {n: -stats.g[n] / (stats.fisher_diag[n].clamp_min(0) + lam) for n in diag_names}
-            for name, module in grp.linears.items():
-                s_g, u_g, s_a, u_a = bases[name]
-                wname = pnames[id(module.weight)]
-                gw = stats.g[wname].double()
-                gw = gw.t() if is_conv1d(module) else gw
-                bias = getattr(module, "bias", None)
-                if bias is not None:
-                    gw = torch.cat([gw, stats.g[pnames[id(bias)]].double().reshape(-1, 1)], dim=1)
-                d = -(u_g @ ((u_g.T @ gw @ u_a) / (torch.outer(s_g, s_a) + lam)) @ u_a.T)
-                dw = d[:, : d.shape[1] - (bias is not None)]
-                step[wname] = (dw.t() if is_conv1d(module) else dw).float()
-                if bias is not None:
-                    step[pnames[id(bias)]] = d[:, -1].float()
-            steps.append(step)
-            del bases
-    else:
-        raise LayercapError(f"no Newton step for {kind!r}; choose from {STEP_METHODS}.")
-    # g^T (-d) must equal the engine's zeta^2 of the same method: a self-check of the step
-    zeta2 = [sum(float((stats.g[n].double() * -d.double()).sum()) for n, d in st.items()) for st in steps]
-    return {"steps": steps, "zeta2": zeta2}
+        rec["info"] = {"cg_solves": info["cg_solves"], **({"trace_estimate": info["trace_estimate"]} if "trace_estimate" in info else {})}
+    return rec
 
 
-@torch.no_grad()
 def measure_step(model, group, step: dict[str, torch.Tensor], datasets, batch_size, device, scale: float = 1.0) -> list[float]:
     """Apply ``scale * step`` to the group's parameters, measure the mean NLL on each dataset, restore."""
-    params = dict(group.params)
-    saved = {n: params[n].detach().clone() for n in step}
-    try:
-        for n, s in step.items():
-            params[n].add_(s.to(params[n].device, params[n].dtype), alpha=scale)
+    from layercap.scores.trust_region import stepped
+
+    with stepped(group, step, scale):
         return [mean_nll(model, d, batch_size, device) for d in datasets]
-    finally:
-        for n, w in saved.items():
-            params[n].copy_(w)
 
 
 def line_search(model, group, step, stats_set, heldout, base: list[float], scales, batch_size, device) -> dict[str, float]:
@@ -262,6 +221,8 @@ class GainsValidation:
     settings: dict[str, Any] = field(default_factory=dict)
     wall_time_s: dict[str, float] = field(default_factory=dict)
     schema: str = SCHEMA
+    # calibrated methods -> their per-block trust-region record (TR_FIELDS: r, lambdas, decreases)
+    score_info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,7 +231,7 @@ class GainsValidation:
     def from_dict(cls, d: dict[str, Any]) -> "GainsValidation":
         if d.get("schema") != SCHEMA:
             raise LayercapError(f"not a {SCHEMA} record (schema={d.get('schema')!r}).")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def save(self, path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -315,11 +276,12 @@ def load(spec: str, device):
 
 
 OPTIM_KEYS = ("steps", "lr", "optimiser")
+KEY_DEFAULTS = {"tr_max_evals": 6, "tr_factor": 10.0}  # settings added later: older records used these
 
 
 def _data_key(key: dict) -> dict:
     """What scores and Newton reductions depend on (everything but the optimiser budget)."""
-    return {k: v for k, v in key.items() if k not in OPTIM_KEYS}
+    return {**KEY_DEFAULTS, **{k: v for k, v in key.items() if k not in OPTIM_KEYS}}
 
 
 def _optim_key(key: dict) -> dict:
@@ -333,7 +295,8 @@ class Progress:
 
     def __init__(self, path: Path, key: dict, resume: bool):
         self.path, self.key = path, key
-        self.state: dict[str, Any] = {"key": key, "scores": {}, "newton": {}, "optimiser": None, "wall_time_s": {}}
+        self.state: dict[str, Any] = {"key": key, "scores": {}, "newton": {}, "optimiser": None, "wall_time_s": {},
+                                      "score_info": {}}
         if resume and path.is_file():
             saved = json.loads(path.read_text())
             if _data_key(saved.get("key", {})) == _data_key(key):
@@ -341,6 +304,7 @@ class Progress:
                     saved["optimiser"] = None  # made with another step budget
                 saved["key"] = key
                 self.state = saved
+                saved.setdefault("score_info", {})
                 print(f"resuming from {path}: {sorted(saved['scores'])} scored, newton {sorted(saved['newton'])}, "
                       f"optimiser {'done' if saved['optimiser'] else 'to do'}", file=sys.stderr)
             else:
@@ -355,8 +319,8 @@ class Progress:
                 raise LayercapError(f"{path} was made with other data or settings; cannot merge it.")
             if _optim_key(other["key"]) != _optim_key(self.key):
                 other["optimiser"] = None
-            for part in ("scores", "newton"):
-                for name, value in other[part].items():
+            for part in ("scores", "newton", "score_info"):
+                for name, value in other.get(part, {}).items():
                     self.state[part].setdefault(name, value)
             if self.state["optimiser"] is None and other["optimiser"] is not None:
                 self.state["optimiser"] = other["optimiser"]
@@ -387,14 +351,16 @@ def run(args) -> GainsValidation:
     def options_for(spec: str) -> ScoreOptions:
         _, fisher, damping = parse_spec(spec, args.fisher, args.damping)
         return ScoreOptions(batch_size=args.batch_size, damping=damping, seed=args.seed, device=str(device),
-                            fisher=fisher, cg_max_iter=args.cg_max_iter, cg_tol=args.cg_tol)
+                            fisher=fisher, cg_max_iter=args.cg_max_iter, cg_tol=args.cg_tol,
+                            tr_max_evals=args.tr_max_evals, tr_factor=args.tr_factor)
 
     # exact is matrix-free CG (every iteration a pass over the data): optionally on a subset
     exact_ids = stats_set.input_ids[: args.exact_nsamples or None, : args.exact_seqlen or None]
     exact_calib = CalibrationSet(exact_ids, sha256_bytes(exact_ids.numpy().tobytes()), stats_set.source, stats_set.seed)
 
     key = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "seed", "damping", "fisher", "scales", "exact_nsamples",
-                                         "exact_seqlen", "cg_max_iter", "cg_tol", "influence_aggregate", "steps", "lr", "optimiser")}
+                                         "exact_seqlen", "cg_max_iter", "cg_tol", "influence_aggregate", "steps", "lr", "optimiser",
+                                         "tr_max_evals", "tr_factor")}
     key.update({"stats_sha256": stats_set.sha256, "heldout_sha256": heldout.sha256})
     progress = Progress(Path(str(args.out) + ".partial.json"), key, args.resume)
     if args.merge:
@@ -402,17 +368,28 @@ def run(args) -> GainsValidation:
     state = progress.state
     timings.update(state["wall_time_s"])
     scores: dict[str, list[float]] = state["scores"]
-    for spec in args.methods:
+    # a gain's trust region is the <base>-tr search itself: score gains first and take <base>-tr from them
+    for spec in sorted(args.methods, key=lambda m: not parse_spec(m, args.fisher)[0].startswith("gain")):
         method = parse_spec(spec, args.fisher)[0]
         if spec in scores or args.no_compute or (method == "exact" and "exact" in args.newton):
             continue  # (exact with its Newton step: scored once, in the Newton phase below)
         t = time.perf_counter()
         opts = options_for(spec)
-        calib = exact_calib if method == "exact" else stats_set
+        calib = exact_calib if method in EXACT_LIKE else stats_set
         if method == "influence":
             opts.extra = {"validation": heldout, "aggregate": args.influence_aggregate}
         print(f"scoring {spec} ...", file=sys.stderr, flush=True)
-        scores[spec] = score_model(model, method, calib, options=opts).zeta2.tolist()
+        result = score_model(model, method, calib, options=opts)
+        scores[spec] = result.zeta2.tolist()
+        info = result.metadata.get("method_info", {})
+        if "tr_ratio" in info:
+            state["score_info"][spec] = {k: info[k] for k in TR_FIELDS if k in info}
+        tr_spec = tr_of_gain(spec)
+        if tr_spec is not None and tr_spec in args.methods and tr_spec not in scores:
+            scores[tr_spec] = [2.0 * p for p in info["predicted_decrease"]]  # zeta2 at the accepted lambda
+            state["score_info"][tr_spec] = {k: info[k] for k in TR_FIELDS if k in info and not k.startswith("gain")}
+            state["score_info"][tr_spec]["forward_passes"] = 1 + sum(info["tr_evals"])  # without the line search
+            timings[f"score:{tr_spec}"] = time.perf_counter() - t - info["timing"]["gain_line_search_s"]
         timings[f"score:{spec}"] = time.perf_counter() - t
         state["wall_time_s"] = timings
         progress.save()
@@ -462,7 +439,8 @@ def run(args) -> GainsValidation:
     settings.update({"device": str(device), "stats_sha256": stats_set.sha256, "heldout_sha256": heldout.sha256,
                      "torch": torch.__version__, "threads": torch.get_num_threads()})
     return GainsValidation(args.model, names, {"stats": base[0], "heldout": base[1]}, scores, newton, optim,
-                           correlations(scores, newton, optim), settings, timings)
+                           correlations(scores, newton, optim), settings, timings,
+                           score_info={m: state["score_info"][m] for m in scores if m in state["score_info"]})
 
 
 def table(result: GainsValidation) -> str:
@@ -492,6 +470,22 @@ def quadratic_check(result: GainsValidation) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(result: GainsValidation, low: float = 0.25, high: float = 0.75) -> str:
+    """Per calibrated method: how often the trust region landed in the band, and what it cost."""
+    lines = ["| method | blocks with r in [1/4, 3/4] | accepted | median r | median lambda / initial | "
+             "sum predicted / sum measured (nats/token) | forward passes | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for m, info in result.score_info.items():
+        r = np.asarray(info["tr_ratio"], float)
+        grow = np.asarray(info["damping_lambda"], float) / np.maximum(np.asarray(info["initial_lambda"], float), 1e-300)
+        measured = info.get("gain_decrease", info["measured_decrease"])
+        wall = next((v for k, v in result.wall_time_s.items() if k == f"score:{m}" or k.startswith(f"score:{m} (")), float("nan"))
+        lines.append(f"| {m} | {int(np.sum((r >= low) & (r <= high)))}/{len(r)} | {int(np.sum(info['tr_accepted']))}/{len(r)} | "
+                     f"{np.median(r):.3g} | {np.median(grow):.3g} | {np.sum(info['predicted_decrease']):.4g} / "
+                     f"{np.sum(measured):.4g} | {info['forward_passes']} | {wall:.0f} |")
+    return "\n".join(lines)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2, a save_pretrained dir, a .gguf, or tiny-<family>")
@@ -514,6 +508,8 @@ def parse(argv=None):
     p.add_argument("--cg-max-iter", type=int, default=10)
     p.add_argument("--cg-tol", type=float, default=1e-3)
     p.add_argument("--influence-aggregate", default="all")
+    p.add_argument("--tr-max-evals", type=int, default=6, help="calibrated methods: trust-region forward passes per block")
+    p.add_argument("--tr-factor", type=float, default=10.0, help="calibrated methods: lambda grows / shrinks by this factor")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimiser", choices=("adam", "sgd"), default="adam")
@@ -551,8 +547,13 @@ def main(argv=None) -> int:
           f"held-out {result.base_loss['heldout']:.4f} nats/token")
     print("\nSpearman rho of each score with the measured loss reduction:\n")
     print(table(result))
-    print("\nQuadratic-model check (Newton step of each method on its own statistics):\n")
-    print(quadratic_check(result))
+    if result.score_info:
+        print("\nTrust region of the calibrated methods (r = measured decrease / (zeta^2/2) at the accepted lambda; "
+              "the gain columns use the line-searched decrease):\n")
+        print(calibration_table(result))
+    if result.newton:
+        print("\nQuadratic-model check (Newton step of each method on its own statistics):\n")
+        print(quadratic_check(result))
     print("\nwall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.wall_time_s.items()))
     print(f"\nwrote {args.out}")
     return 0

@@ -316,6 +316,17 @@ def test_validate_gains_method_specs():
         vg.parse(["--methods", "nope"])
 
 
+def test_validate_gains_calibrated_specs():
+    vg = _validate_gains_module()
+    assert vg.parse_spec("kfac-tr:true@10", "empirical", 0.1) == ("kfac-tr", "true", 10.0)
+    assert [vg.tr_of_gain(s) for s in ("gain", "gain:true@10", "gain-diag", "gain-ekfac@3", "kfac", "kfac-tr")] == [
+        "kfac-tr", "kfac-tr:true@10", "diag-tr", "ekfac-tr@3", None, None]
+    args = vg.parse(["--methods", "gradnorm,kfac-tr,gain,diag-tr", "--newton", "ekfac"])
+    assert args.methods == ["gradnorm", "kfac-tr", "gain", "diag-tr"] and args.tr_max_evals == 6
+    with pytest.raises(LayercapError, match="Fisher flavour"):
+        vg.parse_spec("exact-tr:true", "empirical", 0.1)
+
+
 def test_validate_gains_newton_steps_solve_the_damped_systems():
     from layercap.scores import ScoreOptions, param_groups, score_model
     from layercap.scores.engine import make_context

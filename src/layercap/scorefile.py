@@ -17,6 +17,16 @@ JSON schema (``layercap.scores/v1``)::
       ]
     }
 
+Per-layer extras live in ``metadata.method_info``: any list there of length K is aligned with
+``layers`` (same order). The built-in methods write ``damping_lambda`` (lambda_k); the
+calibrated methods (``diag-tr``, ``kfac-tr``, ``ekfac-tr``, ``exact-tr``, ``gain``; see
+``layercap.scores.trust_region``) add ``initial_lambda`` (the damping rule's lambda_k),
+``tr_ratio`` (r_k = measured decrease / (zeta2 / 2) at the accepted lambda), ``tr_accepted``,
+``tr_evals`` (forward passes of the search), ``predicted_decrease`` (zeta2 / 2 of the accepted
+step), ``measured_decrease`` and ``tr_history`` (per layer a list of [lambda, r] trials); ``gain``
+adds ``gain_scale`` (line-search t) and ``gain_decrease``. Scalars there (``base_loss``,
+``forward_passes``, ``tr_band``, ``timing``) describe the run. Readers ignore what they do not know.
+
 ``q`` (the normalised quality scores, on the simplex) is derived, never stored.
 CSV in and out: a header ``name,zeta2,params`` with an optional ``cost`` column.
 No torch here: programs/ and the CLI's program commands import this module alone.

@@ -21,6 +21,7 @@ from layercap.models.checks import check_device, check_regex
 
 NAME = "score"
 BUILTIN = ("gradnorm", "diag", "kfac", "ekfac", "exact")
+CALIBRATED = ("diag-tr", "kfac-tr", "ekfac-tr", "exact-tr", "gain")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +34,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a save_pretrained directory, a .gguf file, or 'smollm2'")
     p.add_argument("--data", metavar="PATH", help="calibration text: a file (txt, JSON, JSONL) or a directory")
     p.add_argument("--method", default="kfac",
-                   help=f"score method: {', '.join(BUILTIN)} or a registered baseline (alpha-hill, owl, influence); default kfac")
+                   help=f"score method: {', '.join(BUILTIN)}; calibrated by a per-block trust region: {', '.join(CALIBRATED)} "
+                   "(gain = gain-kfac; also gain-diag, gain-ekfac, gain-exact); or a registered baseline (alpha-hill, owl, "
+                   "influence); default kfac")
     p.add_argument("--granularity", default="block", choices=("block", "module"), help="one score per block (default) or per Linear")
     p.add_argument("--groups", metavar="FILE", help="JSON object {group name: regex over parameter names}; overrides --granularity")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -46,6 +49,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="empirical (observed next tokens, default) or true (labels sampled from the model, seeded)")
     p.add_argument("--cg-tol", type=float, default=1e-6, help="exact: CG relative residual tolerance (default 1e-6)")
     p.add_argument("--cg-max-iter", type=int, default=100, help="exact: CG iteration cap (default 100)")
+    p.add_argument("--tr-max-evals", type=int, default=6,
+                   help="-tr / gain methods: forward passes of the per-block Levenberg-Marquardt search (default 6)")
+    p.add_argument("--tr-factor", type=float, default=10.0,
+                   help="-tr / gain methods: lambda grows (r < 1/4) or shrinks (r > 3/4) by this factor (default 10)")
     p.add_argument("--max-factor-gb", type=float, default=None, metavar="GIB",
                    help="kfac/ekfac: stream the blocks in chunks whose statistics fit GIB (one data pass per chunk); "
                    "default: one pass on CPU, 60%% of free memory on CUDA")
@@ -88,11 +95,14 @@ def _validate(args):
         if not Path(args.data).exists():
             raise LayercapError(f"--data {args.data!r} does not exist; pass a text, JSON/JSONL file or a directory.")
     for flag, value, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2), ("--batch-size", args.batch_size, 1),
-                             ("--checkpoint-every", args.checkpoint_every, 0), ("--cg-max-iter", args.cg_max_iter, 1)):
+                             ("--checkpoint-every", args.checkpoint_every, 0), ("--cg-max-iter", args.cg_max_iter, 1),
+                             ("--tr-max-evals", args.tr_max_evals, 1)):
         if value < low:
             raise LayercapError(f"{flag} must be >= {low}, got {value}.")
     if not args.damping > 0:
         raise LayercapError(f"--damping must be > 0, got {args.damping}.")
+    if not (args.tr_factor > 1 and math.isfinite(args.tr_factor)):
+        raise LayercapError(f"--tr-factor must be a finite number > 1, got {args.tr_factor}.")
     if not (args.cg_tol > 0 and math.isfinite(args.cg_tol)):
         raise LayercapError(f"--cg-tol must be a finite number > 0, got {args.cg_tol}.")
     if args.max_factor_gb is not None and not args.max_factor_gb > 0:
@@ -117,17 +127,8 @@ def _validate(args):
     return method, granularity
 
 
-def format_table(scores) -> str:
-    q = scores.q
-    width = max(len("layer"), *(len(n) for n in scores.names))
-    lines = [f"{'layer':<{width}}  {'zeta2':>12}  {'q':>8}  {'params':>12}"]
-    for layer, qk in zip(scores.layers, q):
-        lines.append(f"{layer.name:<{width}}  {layer.zeta2:>12.6g}  {qk:>8.4f}  {layer.params:>12,d}")
-    return "\n".join(lines)
-
-
 def main(args) -> int:
-    from layercap.experiments.score_job import init_distributed, run_score_job
+    from layercap.experiments.score_job import format_table, init_distributed, run_score_job
 
     _, granularity = _validate(args)
     rank, world, device = init_distributed(args.device)

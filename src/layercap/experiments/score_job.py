@@ -54,6 +54,7 @@ def run_score_job(args, granularity, rank: int, world: int, device: str):
         checkpoint_dir=ckpt_dir if args.checkpoint_every > 0 else None,
         checkpoint_every=max(args.checkpoint_every, 1), resume=args.resume,
         cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter, max_factor_gb=args.max_factor_gb,
+        tr_max_evals=args.tr_max_evals, tr_factor=args.tr_factor,
     )
     scores = score_model(model, args.method, calib, granularity=granularity, options=options,
                          blocks_regex=args.blocks, modules_regex=args.modules,
@@ -92,3 +93,18 @@ def remove_checkpoints(folder: str) -> None:
         path.rmdir()
     except OSError:
         pass  # not empty: it holds files layercap did not write
+
+
+def format_table(scores) -> str:
+    """One row per layer; the calibrated methods add the trust region's r and accepted lambda."""
+    q = scores.q
+    info = scores.metadata.get("method_info", {})
+    tr = "tr_ratio" in info
+    width = max(len("layer"), *(len(n) for n in scores.names))
+    lines = [f"{'layer':<{width}}  {'zeta2':>12}  {'q':>8}  {'params':>12}" + (f"  {'r':>8}  {'lambda':>10}" if tr else "")]
+    for k, (layer, qk) in enumerate(zip(scores.layers, q)):
+        row = f"{layer.name:<{width}}  {layer.zeta2:>12.6g}  {qk:>8.4f}  {layer.params:>12,d}"
+        if tr:
+            row += f"  {info['tr_ratio'][k]:>8.3g}  {info['damping_lambda'][k]:>10.3g}"
+        lines.append(row)
+    return "\n".join(lines)

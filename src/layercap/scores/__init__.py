@@ -22,3 +22,4 @@ __all__ = [
 
 from layercap.scores import methods as _builtin_methods  # noqa: E402,F401  (registers gradnorm, diag, kfac, ekfac)
 from layercap.scores import exact as _exact_method  # noqa: E402,F401  (registers exact)
+from layercap.scores import trust_region as _trust_region  # noqa: E402,F401  (registers the -tr methods and gain)

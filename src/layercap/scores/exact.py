@@ -36,7 +36,7 @@ from layercap.scores.engine import (
     summed_nll,
     unique_params,
 )
-from layercap.scores.methods import damping_value, gradient_pass
+from layercap.scores.methods import Piece, gradient_pass, group_damping, group_step, group_zeta2
 from layercap.scores.registry import ScoreOptions, register
 
 
@@ -123,42 +123,68 @@ def conjugate_gradients(matvec, b: torch.Tensor, lam: float, tol: float, max_ite
     return x, it, rs ** 0.5 / b_norm
 
 
-def exact_solutions(model, groups, calib, options: ScoreOptions, keep_solutions: bool = False):
-    """(zeta2 (K,), info, solutions): CG solutions x_k = (C_k + lambda_k I)^-1 g_k per group, as
-    {parameter name: float32 tensor} when ``keep_solutions`` (the damped Newton step is -x_k),
-    else None. ``info`` holds lambda, CG iterations and residuals (and the trace estimates)."""
-    ctx = make_context(calib, options, "exact", groups, model)
+def exact_group_pieces(model, groups, calib, options: ScoreOptions, method: str = "exact", info: dict | None = None):
+    """(group, [piece]) per group: one :class:`~layercap.scores.methods.Piece` whose zeta2(lam)
+    and step(lam) share one CG solve of (C_k + lam I) x = g_k per lambda (the step is -x).
+    ``info`` (a dict) receives per solve the lambda, CG iterations and residual, and the trace
+    estimates (relative damping)."""
+    ctx = make_context(calib, options, method, groups, model)
     names, params = unique_params(groups)
     with GradMode(model, params):
         g = gradient_pass(model, ctx, names, params)
         traces = trace_pass(model, groups, ctx, names, params) if options.damping_mode == "relative" else None
+    info = {} if info is None else info
+    if traces is not None:
+        info["trace_estimate"] = traces
+    solves = info.setdefault("cg_solves", [])
     from tqdm import tqdm
 
-    zetas, iters, residuals, lams = [], [], [], []
-    solutions = [] if keep_solutions else None
     for k, grp in enumerate(tqdm(groups, desc="exact CG", unit="group", file=sys.stderr,
                                  disable=not options.progress or ctx.rank != 0, leave=False)):
         gparams = [p for _, p in grp.params]
         sizes = [p.numel() for p in gparams]
         b = torch.cat([g[n].reshape(-1) for n, _ in grp.params]).double()
 
-        def matvec(v: torch.Tensor) -> torch.Tensor:
+        def matvec(v: torch.Tensor, gparams=gparams, sizes=sizes) -> torch.Tensor:
             parts = [part.reshape(p.shape) for part, p in zip(torch.split(v, sizes), gparams)]
             with GradMode(model, gparams):
                 cv = ggn_vp(model, ctx, gparams, parts)
             return torch.cat([c.reshape(-1) for c in cv]).double()
 
-        lam = damping_value(options, traces[k] if traces is not None else 0.0, grp.num_params)
-        x, it, res = conjugate_gradients(matvec, b, lam, options.cg_tol, options.cg_max_iter)
-        zetas.append(float(b @ x))
+        cache: dict[float, torch.Tensor] = {}
+
+        def solve(lam: float, b=b, matvec=matvec, cache=cache, k=k) -> torch.Tensor:
+            if lam not in cache:
+                cache.clear()  # one solution per group alive at a time
+                x, it, res = conjugate_gradients(matvec, b, lam, options.cg_tol, options.cg_max_iter)
+                solves.append({"group": k, "lambda": lam, "cg_iterations": it, "cg_relative_residual": res})
+                cache[lam] = x
+            return cache[lam]
+
+        def step(lam: float, grp=grp, sizes=sizes, solve=solve) -> dict:
+            return {n: -part.reshape(p.shape).float() for (n, p), part in zip(grp.params, torch.split(solve(lam), sizes))}
+
+        trace = traces[k] if traces is not None else 0.0
+        yield grp, [Piece(trace, lambda lam, b=b, solve=solve: float(b @ solve(lam)), step)]
+
+
+def exact_solutions(model, groups, calib, options: ScoreOptions, keep_solutions: bool = False):
+    """(zeta2 (K,), info, solutions): CG solutions x_k = (C_k + lambda_k I)^-1 g_k per group, as
+    {parameter name: float32 tensor} when ``keep_solutions`` (the damped Newton step is -x_k),
+    else None. ``info`` holds lambda, CG iterations and residuals (and the trace estimates)."""
+    raw: dict = {}
+    zetas, lams = [], []
+    solutions = [] if keep_solutions else None
+    for grp, pieces in exact_group_pieces(model, groups, calib, options, info=raw):
+        lam = group_damping(pieces, grp.num_params, options)
+        zetas.append(group_zeta2(pieces, lam))
         if solutions is not None:
-            solutions.append({n: part.reshape(p.shape).float() for (n, p), part in zip(grp.params, torch.split(x, sizes))})
-        iters.append(it)
-        residuals.append(res)
+            solutions.append({n: -d for n, d in group_step(pieces, lam).items()})
         lams.append(lam)
-    info = {"damping_lambda": lams, "cg_iterations": iters, "cg_relative_residual": residuals}
-    if traces is not None:
-        info["trace_estimate"] = traces
+    info = {"damping_lambda": lams, "cg_iterations": [s["cg_iterations"] for s in raw["cg_solves"]],
+            "cg_relative_residual": [s["cg_relative_residual"] for s in raw["cg_solves"]]}
+    if "trace_estimate" in raw:
+        info["trace_estimate"] = raw["trace_estimate"]
     return np.array(zetas), info, solutions
 
 

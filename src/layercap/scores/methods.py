@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from layercap.errors import LayercapError
 from layercap.models.blocks import LINEAR_TYPES
 from layercap.scores.engine import (
     GradMode,
@@ -54,7 +55,16 @@ from layercap.scores.engine import (
 )
 from layercap.scores.registry import ScoreOptions, register
 
-Piece = tuple[float, Callable[[float], float]]  # (trace contribution, lambda -> zeta2 contribution)
+Step = dict[str, torch.Tensor]  # parameter name -> damped Newton step -(C + lambda I)^-1 g (float32)
+
+
+class Piece(NamedTuple):
+    """One part of a group's curvature: its trace, lambda -> zeta2 contribution and, where the
+    part knows its parameters' names, lambda -> its damped Newton step (for the trust region)."""
+
+    trace: float
+    zeta2: Callable[[float], float]
+    step: Callable[[float], Step] | None = None
 
 
 # ---- damping and assembly -------------------------------------------------------------------
@@ -67,9 +77,28 @@ def damping_value(options: ScoreOptions, trace: float, dim: int) -> float:
 
 def assemble(pieces: list[Piece], dim: int, options: ScoreOptions) -> tuple[float, float]:
     """(zeta2, lambda) of one group from its pieces."""
-    trace = sum(t for t, _ in pieces)
-    lam = damping_value(options, trace, dim)
-    return float(sum(f(lam) for _, f in pieces)), lam
+    lam = group_damping(pieces, dim, options)
+    return group_zeta2(pieces, lam), lam
+
+
+def group_damping(pieces: list[Piece], dim: int, options: ScoreOptions) -> float:
+    """lambda_k of the damping rule from the group's total curvature trace."""
+    return damping_value(options, sum(p.trace for p in pieces), dim)
+
+
+def group_zeta2(pieces: list[Piece], lam: float) -> float:
+    """g^T (C + lam I)^-1 g of a group at any lambda."""
+    return float(sum(p.zeta2(lam) for p in pieces))
+
+
+def group_step(pieces: list[Piece], lam: float) -> Step:
+    """The damped Newton step -(C + lam I)^-1 g of a group, {parameter name: float32 tensor}."""
+    out: Step = {}
+    for p in pieces:
+        if p.step is None:
+            raise LayercapError("this curvature piece has no Newton step (built without parameter names); this is a bug.")
+        out.update(p.step(lam))
+    return out
 
 
 def _ratio_sum(num: torch.Tensor, den: torch.Tensor) -> float:
@@ -78,10 +107,12 @@ def _ratio_sum(num: torch.Tensor, den: torch.Tensor) -> float:
     return float(torch.where(den > 0, num / safe, torch.zeros_like(num)).sum())
 
 
-def diag_piece(g: torch.Tensor, fisher: torch.Tensor) -> Piece:
+def diag_piece(g: torch.Tensor, fisher: torch.Tensor, name: str | None = None) -> Piece:
+    """Diagonal curvature of one parameter; with ``name`` the piece also gives its Newton step."""
     g2 = g.double().pow(2)
     f = fisher.double().clamp_min(0)
-    return float(f.sum()), lambda lam: _ratio_sum(g2, f + lam)
+    step = None if name is None else (lambda lam: {name: (-g.double() / (f + lam)).float()})
+    return Piece(float(f.sum()), lambda lam: _ratio_sum(g2, f + lam), step)
 
 
 def eig_psd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +134,15 @@ def eig_psd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def kron_piece(grad: torch.Tensor, s_g: torch.Tensor, u_g: torch.Tensor, s_a: torch.Tensor, u_a: torch.Tensor,
-               eigenvalues: torch.Tensor | None = None) -> Piece:
-    """zeta2 piece of one Linear: grad (out, in[+1]) in the Kronecker eigenbasis."""
-    proj2 = (u_g.T @ grad.double() @ u_a).pow(2)
+               eigenvalues: torch.Tensor | None = None, split: Callable[[torch.Tensor], Step] | None = None) -> Piece:
+    """zeta2 piece of one Linear: grad (out, in[+1]) in the Kronecker eigenbasis. ``split`` maps
+    a step matrix (out, in[+1]) to the Linear's parameters (see :func:`linear_split`); with it the
+    piece also gives its Newton step U_G ((U_G^T g U_A) / (ev + lam)) U_A^T."""
+    proj = u_g.T @ grad.double() @ u_a
+    proj2 = proj.pow(2)
     ev = torch.outer(s_g, s_a) if eigenvalues is None else eigenvalues.double().clamp_min(0)
-    return float(ev.sum()), lambda lam: _ratio_sum(proj2, ev + lam)
+    step = None if split is None else (lambda lam: split(-(u_g @ (proj / (ev + lam)) @ u_a.T)))
+    return Piece(float(ev.sum()), lambda lam: _ratio_sum(proj2, ev + lam), step)
 
 
 # ---- Linear bookkeeping -----------------------------------------------------------------------
@@ -121,6 +156,20 @@ def weight_matrix(module: nn.Module, weight_grad: torch.Tensor, bias_grad: torch
     if bias_grad is None:
         return w
     return torch.cat([w, bias_grad.reshape(-1, 1).to(w.dtype)], dim=1)
+
+
+def linear_split(module: nn.Module, weight_name: str, bias_name: str | None) -> Callable[[torch.Tensor], Step]:
+    """Inverse of :func:`weight_matrix`: a (out, in[+1]) matrix -> {weight name, bias name: float32
+    tensors in the parameters' own layouts}."""
+
+    def split(d: torch.Tensor) -> Step:
+        dw = d[:, : d.shape[1] - (bias_name is not None)]
+        out = {weight_name: (dw.t() if is_conv1d(module) else dw).float().contiguous()}
+        if bias_name is not None:
+            out[bias_name] = d[:, -1].float().contiguous()
+        return out
+
+    return split
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -237,12 +286,18 @@ def per_window_pass(model, ctx: RunContext, phase: str, names, params, state, on
 
 
 # ---- methods ----------------------------------------------------------------------------------
-def score_gradnorm(model, groups, calib, options: ScoreOptions) -> np.ndarray:
-    ctx = make_context(calib, options, "gradnorm", groups, model)
+def gradnorm_group_pieces(model, groups, calib, options: ScoreOptions, method: str = "gradnorm", info: dict | None = None):
+    """(group, pieces) per group with C = 0 (use lambda = 1: zeta2 = ||g||^2, step -g)."""
+    ctx = make_context(calib, options, method, groups, model)
     names, params = unique_params(groups)
     with GradMode(model, params):
         g = gradient_pass(model, ctx, names, params)
-    return np.array([sum(float(g[n].double().pow(2).sum()) for n, _ in grp.params) for grp in groups])
+    for grp in groups:
+        yield grp, [diag_piece(g[n], torch.zeros_like(g[n]), n) for n, _ in grp.params]
+
+
+def score_gradnorm(model, groups, calib, options: ScoreOptions) -> np.ndarray:
+    return np.array([group_zeta2(pieces, 1.0) for _, pieces in gradnorm_group_pieces(model, groups, calib, options)])
 
 
 @dataclass
@@ -291,12 +346,17 @@ def _linear_grad(stats: FisherStats, name: str, module: nn.Module, pnames: dict[
     return weight_matrix(module, stats.g[pnames[id(module.weight)]], None if bias is None else stats.g[pnames[id(bias)]])
 
 
-def score_diag(model, groups, calib, options: ScoreOptions) -> np.ndarray:
-    ctx = make_context(calib, options, "diag", groups, model)
+def diag_group_pieces(model, groups, calib, options: ScoreOptions, method: str = "diag", info: dict | None = None) -> Iterator[tuple]:
+    """(group, pieces) per group of the diagonal-Fisher curvature (one statistics pass)."""
+    ctx = make_context(calib, options, method, groups, model)
     stats = fisher_pass(model, groups, ctx, linears={})
-    out, lams = [], []
     for grp in groups:
-        pieces = [diag_piece(stats.g[n], stats.fisher_diag[n]) for n, _ in grp.params]
+        yield grp, [diag_piece(stats.g[n], stats.fisher_diag[n], n) for n, _ in grp.params]
+
+
+def score_diag(model, groups, calib, options: ScoreOptions) -> np.ndarray:
+    out, lams = [], []
+    for grp, pieces in diag_group_pieces(model, groups, calib, options):
         z, lam = assemble(pieces, grp.num_params, options)
         out.append(z)
         lams.append(lam)
@@ -344,11 +404,20 @@ def chunk_groups(groups, budget: int | None) -> list[list]:
     return chunks
 
 
-def _kfac_like(model, groups, calib, options: ScoreOptions, method: str, refit: bool):
+def kfac_group_pieces(model, groups, calib, options: ScoreOptions, method: str, refit: bool,
+                      info: dict | None = None) -> Iterator[tuple]:
+    """(group, pieces) per group of the K-FAC (``refit``: EK-FAC) curvature, in group order.
+
+    Groups are streamed in chunks that fit ``options.max_factor_gb`` (one statistics pass per
+    chunk, two for EK-FAC); one group's eigendecompositions are alive at a time (the consumer
+    should drop a group's pieces before asking for the next). ``info`` (a dict) receives the
+    timings and the number of statistics passes."""
     ctx = make_context(calib, options, method, groups, model)
     chunks = chunk_groups(groups, factor_budget_bytes(model, options))
-    timing = {"fisher_pass_s": 0.0, "ekfac_pass_s": 0.0, "solve_s": 0.0}
-    out, lams, start = [], [], 0
+    info = {} if info is None else info
+    timing = info.setdefault("timing", {"fisher_pass_s": 0.0, "ekfac_pass_s": 0.0, "solve_s": 0.0})
+    info["statistics_passes"] = len(chunks)
+    start = 0
     for chunk in chunks:
         # phase names carry the chunk so that --resume never mixes checkpoints of other chunkings
         suffix = "" if len(chunks) == 1 else f"[{start}:{start + len(chunk)}]"
@@ -364,27 +433,41 @@ def _kfac_like(model, groups, calib, options: ScoreOptions, method: str, refit: 
         if refit:
             corrected = ekfac_pass(model, ctx, linears, stats, names, params, pnames, phase="ekfac" + suffix)
         t2 = time.perf_counter()
-        for grp in chunk:
-            pieces = [diag_piece(stats.g[n], stats.fisher_diag[n]) for n, p in grp.params if id(p) not in kron_ids]
-            for name, module in grp.linears.items():
-                if refit:
-                    s_g, u_g, s_a, u_a = corrected["bases"].pop(name)
-                    pieces.append(kron_piece(_linear_grad(stats, name, module, pnames), s_g, u_g, s_a, u_a, corrected["E"].pop(name)))
-                else:
-                    s_a, u_a = eig_psd(stats.a.pop(name))
-                    s_g, u_g = eig_psd(stats.gg.pop(name))
-                    pieces.append(kron_piece(_linear_grad(stats, name, module, pnames), s_g, u_g, s_a, u_a))
-                del s_a, u_a, s_g, u_g  # one group's eigendecompositions alive at a time
-            z, lam = assemble(pieces, grp.num_params, options)
-            out.append(z)
-            lams.append(lam)
-        del stats, corrected
         # timings (s): statistics passes, EK-FAC passes (incl. their eigendecompositions), solve
         # (K-FAC: eigendecompositions + projections), summed over chunks
         timing["fisher_pass_s"] += t1 - t0
         timing["ekfac_pass_s"] += t2 - t1
-        timing["solve_s"] += time.perf_counter() - t2
-    return np.array(out), {"damping_lambda": lams, "timing": timing, "statistics_passes": len(chunks)}
+        for grp in chunk:
+            t3 = time.perf_counter()
+            pieces = [diag_piece(stats.g[n], stats.fisher_diag[n], n) for n, p in grp.params if id(p) not in kron_ids]
+            for name, module in grp.linears.items():
+                bias = getattr(module, "bias", None)
+                split = linear_split(module, pnames[id(module.weight)], None if bias is None else pnames[id(bias)])
+                grad = _linear_grad(stats, name, module, pnames)
+                if refit:
+                    s_g, u_g, s_a, u_a = corrected["bases"].pop(name)
+                    pieces.append(kron_piece(grad, s_g, u_g, s_a, u_a, corrected["E"].pop(name), split=split))
+                else:
+                    s_a, u_a = eig_psd(stats.a.pop(name))
+                    s_g, u_g = eig_psd(stats.gg.pop(name))
+                    pieces.append(kron_piece(grad, s_g, u_g, s_a, u_a, split=split))
+                del s_a, u_a, s_g, u_g
+            timing["solve_s"] += time.perf_counter() - t3
+            yield grp, pieces
+            del pieces
+        del stats, corrected
+
+
+def _kfac_like(model, groups, calib, options: ScoreOptions, method: str, refit: bool):
+    info: dict = {}
+    out, lams = [], []
+    for grp, pieces in kfac_group_pieces(model, groups, calib, options, method, refit, info):
+        t = time.perf_counter()
+        z, lam = assemble(pieces, grp.num_params, options)
+        info["timing"]["solve_s"] += time.perf_counter() - t
+        out.append(z)
+        lams.append(lam)
+    return np.array(out), {"damping_lambda": lams, **info}
 
 
 def ekfac_pass(model, ctx: RunContext, linears, stats: FisherStats, names, params, pnames, phase: str = "ekfac") -> dict:

@@ -5,7 +5,9 @@ value per :class:`~layercap.scores.groups.ParamGroup` (``calib`` is a
 :class:`~layercap.data.calibration.CalibrationSet` or None when ``needs_data`` is False).
 
 Built-in curvature methods (gradnorm, diag, kfac, ekfac, exact) register themselves when
-``layercap.scores.methods`` is imported. Baseline score sources live in optional modules
+``layercap.scores.methods`` / ``layercap.scores.exact`` are imported; their calibrated variants
+(diag-tr, kfac-tr, ekfac-tr, exact-tr) and measured gains (gain = gain-kfac, gain-diag, ...) when
+``layercap.scores.trust_region`` is. Baseline score sources live in optional modules
 (``heavytail``, ``owl``, ``influence``) that call :func:`register` at import time; they are
 imported lazily the first time a name is looked up, and a missing module is tolerated.
 """
@@ -27,6 +29,7 @@ DAMPING_MODES = ("relative", "absolute")
 PLUGIN_MODULES = (
     "layercap.scores.methods",
     "layercap.scores.exact",
+    "layercap.scores.trust_region",
     "layercap.scores.heavytail",
     "layercap.scores.owl",
     "layercap.scores.influence",
@@ -48,6 +51,8 @@ class ScoreOptions:
     cg_tol / cg_max_iter: conjugate-gradient stopping rule of the ``exact`` method
     (relative residual ||r|| / ||g||). trace_samples: sampled-label draws per window used to
     estimate trace(C_k) for ``exact`` with relative damping.
+    tr_max_evals / tr_factor: the ``-tr`` and ``gain`` methods' Levenberg-Marquardt search (forward
+    passes per block, and the factor lambda grows or shrinks by; see scores/trust_region.py).
     extra: method-specific inputs (e.g. influence's train/validation data).
     """
 
@@ -65,6 +70,8 @@ class ScoreOptions:
     cg_tol: float = 1e-6
     cg_max_iter: int = 100
     trace_samples: int = 1
+    tr_max_evals: int = 6
+    tr_factor: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -82,6 +89,10 @@ class ScoreOptions:
             raise LayercapError(f"--max-factor-gb must be a finite number > 0, got {self.max_factor_gb!r}.")
         if not (self.cg_tol > 0) or self.cg_max_iter < 1 or self.trace_samples < 1:
             raise LayercapError("cg_tol must be > 0 and cg_max_iter, trace_samples >= 1.")
+        if not isinstance(self.tr_max_evals, int) or self.tr_max_evals < 1:
+            raise LayercapError(f"--tr-max-evals must be an integer >= 1, got {self.tr_max_evals!r}.")
+        if not (self.tr_factor > 1 and np.isfinite(self.tr_factor)):
+            raise LayercapError(f"--tr-factor must be a finite number > 1, got {self.tr_factor!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
