@@ -22,6 +22,7 @@ n_k is floored and the leftover budget goes one unit at a time to the largest fr
   ones). With K = 32, B = 160, the lower bound 1: mola-2468 gives 2,4,6,8 experts per layer in
   the four quarters exactly (8 x (2+4+6+8) = 160); other budgets scale the pattern.
 - mdl: the program (integer.py / allocation.py).
+- mdl:measured: the program with measured concave utilities (utility.py), given a utility table.
 
 Pruning baselines, all rescaled so that the parameter-weighted mean ratio equals the target
 exactly (sum N_k rho_k = s sum N_k, after clipping to [min_ratio, max_ratio]):
@@ -66,6 +67,10 @@ MEASURED = "measured"
 # sources of the convex-damage program (mdl:damage, mdl:obd): damage tables measured per pruner
 # (layercap.apply.prune.damage), not scores files
 DAMAGE_SOURCES = ("damage", "obd")
+# the source of the concave-utility allocation program (mdl:measured): a utility table measured by
+# adapting each block alone (layercap.apply.utility, schema layercap.utility/v1), not a scores file
+UTILITY_SOURCES = ("measured",)
+UTILITY_RULES = tuple(f"mdl:{k}" for k in UTILITY_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -228,15 +233,27 @@ def scale_round(weights, budget, costs, lower, upper, integer: bool) -> np.ndarr
     return base
 
 
-def allocation_by_rule(rule: str, scores: LayerScores, budget: float, *, costs=None, beta: float = 0.9,
-                       alpha="auto", lower=1, upper=None, integer: bool = True, unit: str = "experts") -> Allocation:
+def allocation_by_rule(rule: str, scores: LayerScores | None, budget: float, *, costs=None, beta: float = 0.9,
+                       alpha="auto", lower=1, upper=None, integer: bool = True, unit: str = "experts",
+                       utility=None) -> Allocation:
     """Allocate `budget` (in cost units) across the layers of `scores` by `rule`.
 
     costs: None / "count" / "params" / array (K,). lower/upper: per-layer bounds (scalar or (K,);
     upper None = unbounded). integer: whole units (experts, rank units). Returns Allocation with
     per-layer n, q, cost; mu/binds/spent; gap (integer mdl) and metadata (rule parameters,
-    objective, warnings).
+    objective, warnings). ``utility``: the UtilityTable that rule ``mdl:measured`` (or ``mdl``
+    given a table) reads instead of scores; ``scores`` may then be None or name the same blocks.
     """
+    if rule in UTILITY_RULES or (rule == "mdl" and utility is not None):
+        from layercap.programs.utility import allocation_from_utility
+
+        if utility is None:
+            raise LayercapError(f"rule {rule!r} reads a utility table (`layercap utility MODEL ... -o utility.json`); "
+                                "pass it (--utility FILE).")
+        if scores is not None:
+            utility.check_compatible(scores.names)
+        return allocation_from_utility(utility, budget, lower=lower, upper=upper, integer=integer,
+                                       costs=costs, unit=unit, rule=UTILITY_RULES[0])
     if rule not in ALLOCATION_RULES:
         raise LayercapError(f"allocation rule {rule!r} is unknown; use one of: {', '.join(ALLOCATION_RULES)}.")
     if unit not in ("experts", "rank", "units"):
