@@ -105,9 +105,11 @@ class _Lora:
 
 
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    from layercap.scores.engine import summed_nll
-
-    return summed_nll(logits, ids.to(logits.device))
+    """Summed next-token NLL of ``ids`` (B, T) under ``logits`` (B, T, V), in float32 or wider."""
+    lg = logits[:, :-1]
+    lg = lg.to(torch.promote_types(lg.dtype, torch.float32))
+    target = ids[:, 1:].to(lg.device)
+    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="sum")
 
 
 def _check_resume(old: UtilityTable, new: UtilityTable, path: Path) -> None:

@@ -51,7 +51,7 @@ from layercap.programs._solve import clipped_linear_root, dot, polish_root
 from layercap.programs.allocation import _water_fill, prepare
 from layercap.programs.integer import _whole, allocate_integer
 from layercap.programs.pruning import pruning_ratios, validate
-from layercap.programs.records import AllocatedLayer, Allocation, PruningRatios, RatioLayer
+from layercap.programs.records import AllocatedLayer, Allocation, PruningRatios, RatioLayer, jsonable as _jsonable
 from layercap.scorefile import LayerScores
 
 MOLA_PATTERNS = {"mola-2468": (2, 4, 6, 8), "mola-8642": (8, 6, 4, 2), "mola-5555": (5, 5, 5, 5)}
@@ -280,16 +280,6 @@ def allocation_by_rule(rule: str, scores: LayerScores | None, budget: float, *, 
     meta["warnings"] = warnings
     return Allocation(rule=rule, budget=float(budget), unit=unit, integer=bool(integer), layers=layers,
                       mu=None if mu is None else float(mu), binds=bool(binds), spent=float(dot(c, n)), gap=gap, metadata=meta)
-
-
-def _jsonable(x):
-    if x is None:
-        return None
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim == 0:
-        v = float(a)
-        return int(v) if v.is_integer() else v
-    return [int(v) if float(v).is_integer() else float(v) for v in a]
 
 
 # ---- pruning ------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import numpy as np
 from layercap.errors import LayercapError
 from layercap.io import atomic_write_json, read_json
 from layercap.programs.damage import _clip_envelope, _matrix, lower_envelope, take_segments
-from layercap.programs.records import AllocatedLayer, Allocation
+from layercap.programs.records import AllocatedLayer, Allocation, jsonable
 
 UTILITY_SCHEMA = "layercap.utility/v1"
 UTILITY_MODES = ("exact", "at-most")
@@ -372,8 +372,6 @@ def allocation_from_utility(table: UtilityTable, budget: float, *, lower=1, uppe
     counts = [int(round(x)) for x in n] if integer else [float(x) for x in n]
     layers = [AllocatedLayer(name, counts[k], float(c[k])) for k, name in enumerate(table.blocks)]
     spent = sol.spent_integer if integer else sol.spent
-    from layercap.programs.rules import _jsonable
-
     warnings = []
     if upper is None or np.any(np.asarray(upper, dtype=np.float64) > table.levels[-1]):
         warnings.append(f"units capped at the largest measured level {table.levels[-1]}: the curves are not extrapolated.")
@@ -383,7 +381,7 @@ def allocation_from_utility(table: UtilityTable, budget: float, *, lower=1, uppe
         rule=rule, budget=float(budget), unit=unit, integer=bool(integer), layers=layers, mu=max(sol.lam, 0.0),
         binds=binds, spent=float(spent), gap=sol.gap if integer else None,
         metadata={"source": "utility", "utility_model": table.model, "adapter": table.adapter, "levels": table.levels,
-                  "lower": _jsonable(lower), "upper": _jsonable(upper), "mode": mode,
+                  "lower": jsonable(lower), "upper": jsonable(upper), "mode": mode,
                   "cost": costs if isinstance(costs, str) else ("count" if costs is None else "array"),
                   "objective": sol.objective, "objective_integer": sol.objective_integer, "optimal": sol.optimal,
                   "n_continuous": sol.n.tolist(), "n_integer": [int(x) for x in sol.n_integer],
