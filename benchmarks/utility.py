@@ -54,14 +54,13 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model)
     train, held = split_sets(tokenizer, args.data, args.nsamples, args.heldout, args.seqlen, model=model)
     every = find_blocks(model)
-    blocks = [every[i] for i in args.blocks]
     table = measure_utility(model, train, held, args.levels, steps=args.steps, lr=args.lr, unit_rank=args.rank_unit,
-                            blocks=blocks, tolerance=1.0, progress=True, model_id=args.model)
+                            only=args.blocks, tolerance=1.0, progress=True, model_id=args.model)
     c = table.cost
     per_eval = c["per_eval_fwdbwd_equivalents"]
     K = len(every)
     result = {
-        "model": args.model, "blocks": table.blocks, "levels": table.levels, "steps": args.steps,
+        "model": args.model, "blocks": [table.blocks[i] for i in args.blocks], "levels": table.levels, "steps": args.steps,
         "train_tokens": c["train_tokens"], "heldout_tokens": c["heldout_tokens"], "threads": c["threads"],
         "fwdbwd_s": c["fwdbwd_s"], "setup_s": c["setup_s"], "train_s": c["train_s"], "eval_s": c["eval_s"],
         "evaluations": c["evaluations"], "per_eval_fwdbwd_equivalents": per_eval,
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
         "full_table_evaluations": K * args.all_levels,
         "full_table_fwdbwd_equivalents_estimate": K * args.all_levels * per_eval,
         "full_table_s_estimate": K * args.all_levels * per_eval * c["fwdbwd_s"],
-        "reduction": table.reduction,
+        "base_nll": table.base_nll, "reduction": [table.reduction[i] for i in args.blocks],
     }
     print(json.dumps({k: v for k, v in result.items() if k != "reduction"}, indent=1))
     if args.json:

@@ -134,3 +134,13 @@ def test_utility_and_allocate_commands(tmp_path, capsys):
     assert "decreases with the level" in err or "diverged" in err
     rc = cli_main(args[:-1] + ["--levels", "2", "1", "-o", str(bad)])
     assert rc == 2 and "increasing" in capsys.readouterr().err and not bad.exists()
+
+
+def test_only_some_blocks_keeps_the_whole_chain(tiny):
+    train, held = _windows(2, 16, 0), _windows(2, 16, 1)
+    kw = dict(steps=2, lr=5e-3, unit_rank=2, progress=False, tolerance=1.0)
+    full = measure_utility(tiny, train, held, [0, 1], **kw)
+    part = measure_utility(tiny, train, held, [0, 1], only=[1], **kw)
+    assert not part.complete and part.reduction[0][1] is None and part.reduction[2][1] is None
+    assert part.reduction[1][1] == pytest.approx(full.reduction[1][1], rel=1e-12)
+    assert part.base_nll == pytest.approx(full.base_nll, rel=1e-12)

@@ -106,10 +106,11 @@ class _Lora:
 
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of ``ids`` (B, T) under ``logits`` (B, T, V), in float32 or wider."""
-    lg = logits[:, :-1]
-    lg = lg.to(torch.promote_types(lg.dtype, torch.float32))
-    target = ids[:, 1:].to(lg.device)
-    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="sum")
+    lg = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ids = ids.to(lg.device)
+    target = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # the last position predicts nothing
+    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="sum",
+                                             ignore_index=-100)
 
 
 def _check_resume(old: UtilityTable, new: UtilityTable, path: Path) -> None:
@@ -157,6 +158,7 @@ def measure_utility(
     adapter: str = "lora",
     targets: Sequence[str] | None = None,
     blocks: list[Block] | None = None,
+    only: Sequence[int] | None = None,
     batch_size: int = 4,
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -167,8 +169,10 @@ def measure_utility(
     """The utility table of ``model`` (module docstring); the model is left unchanged.
 
     ``levels``: whole units, increasing (0 = unadapted). ``steps`` full-batch Adam steps at ``lr``
-    on ``train``; reductions measured on ``heldout``. ``checkpoint``: the partial-table path
-    (resumed from when it matches). Runs where the model is (CPU or GPU).
+    on ``train``; reductions measured on ``heldout``. ``blocks``: the model's whole decoder chain
+    (default :func:`find_blocks`); ``only``: indices of the blocks to measure (the others stay
+    null and the table is marked incomplete, e.g. for a cost benchmark). ``checkpoint``: the
+    partial-table path (resumed from when it matches). Runs where the model is (CPU or GPU).
     """
     levels = check_unit_levels(levels)
     if adapter not in ADAPTER_KINDS:
@@ -235,7 +239,10 @@ def measure_utility(
         setup_s = time.perf_counter() - t_setup
         bar = tqdm(total=K * L, initial=int(done.sum()), desc=f"utility ({adapter})", file=sys.stderr,
                    disable=not progress, unit="eval")
-        for k in range(K):
+        measured = range(K) if only is None else sorted(set(only))
+        if any(not 0 <= k < K for k in measured):
+            raise LayercapError(f"only = {list(only)}: block indices must lie in 0..{K - 1}.")
+        for k in measured:
             for jl, n in enumerate(levels):
                 if done[k, jl]:
                     continue
@@ -284,6 +291,6 @@ def measure_utility(
         "train_tokens": train.num_tokens, "heldout_tokens": heldout.num_tokens,
         "device": str(linear_weight(next(iter(modules[0].values()))).device), "threads": torch.get_num_threads(),
     }
-    table.complete = True
+    table.complete = bool(done.all())
     table.validate()
     return table
