@@ -183,8 +183,11 @@ def test_bad_tables_are_refused(tmp_path, case, message):
     with pytest.raises(LayercapError, match=message) as err:
         UtilityTable.load(path)
     assert str(path) in str(err.value)
-    if case == "decreasing":  # names the block and the level
+    if case == "decreasing":  # names the block and the level; a partial table is not yet a curve
         assert "model.layers.2" in str(err.value) and "4 units" in str(err.value)
+        doc["complete"] = False
+        path.write_text(json.dumps(doc))
+        assert not UtilityTable.load(path).complete
 
 
 def test_table_from_another_model_is_refused(tmp_path):

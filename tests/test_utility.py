@@ -89,10 +89,12 @@ def test_resume_continues_a_partial_table(tiny, tmp_path):
     partial = copy.deepcopy(full)
     partial.complete = False
     partial.reduction[1][2] = partial.reduction[2][1] = None
+    partial.cost = {"wall_s": 1.0, "train_s": 0.5, "eval_s": 0.25, "evaluations": 4}
     path = tmp_path / "u.json.partial"
     partial.save(path)
     resumed = measure_utility(tiny, train, held, [0, 1, 2], checkpoint=path, **kw)
-    assert resumed.cost["evaluations"] == 2
+    assert resumed.cost["evaluations"] == 4 + 2  # counted over both runs, as the times
+    assert resumed.cost["wall_s"] > 1.0 and resumed.cost["train_s"] > 0.5
     assert resumed.values().ravel().tolist() == pytest.approx(full.values().ravel().tolist(), rel=1e-12)
     # other settings: refused, not mixed
     with pytest.raises(LayercapError, match="different 'settings'"):

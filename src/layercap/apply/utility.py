@@ -201,21 +201,22 @@ def measure_utility(
         complete=False)
     done = np.array([[n == 0 for n in levels] for _ in range(K)], dtype=bool)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    prior_s = 0.0
+    prior: dict[str, float] = {}
     if checkpoint is not None and checkpoint.is_file():
         old = UtilityTable.load(checkpoint)
         _check_resume(old, table, checkpoint)
         table.reduction, table.base_nll = old.reduction, old.base_nll
         done = np.array([[v is not None for v in row] for row in old.reduction], dtype=bool)
-        prior_s = float(old.cost.get("wall_s", 0.0))
+        prior = {k: float(old.cost.get(k, 0.0)) for k in ("wall_s", "train_s", "eval_s", "evaluations")}
+    prior_s = prior.get("wall_s", 0.0)
     was_training = model.training
     flags = {id(p): p.requires_grad for p in model.parameters()}
     model.eval()
     tr_batches, ho_batches = list(train.batches(batch_size)), list(heldout.batches(batch_size))
     n_tr = sum(b.shape[0] * (b.shape[1] - 1) for b in tr_batches)
     n_ho = sum(b.shape[0] * (b.shape[1] - 1) for b in ho_batches)
-    train_s = eval_s = 0.0
-    evaluations = 0
+    train_s, eval_s = prior.get("train_s", 0.0), prior.get("eval_s", 0.0)
+    evaluations = int(prior.get("evaluations", 0))  # over every run of this table (resumes included)
     try:
         fwdbwd_s = plain_fwdbwd_s(model, tr_batches)
         for p in model.parameters():
@@ -273,7 +274,8 @@ def measure_utility(
                 done[k, jl] = True
                 bar.update(1)
                 if checkpoint is not None:
-                    table.cost = {"wall_s": prior_s + time.perf_counter() - t_start}
+                    table.cost = {"wall_s": prior_s + time.perf_counter() - t_start, "train_s": train_s,
+                                  "eval_s": eval_s, "evaluations": evaluations}
                     table.save(checkpoint)
         bar.close()
     finally:
@@ -281,7 +283,7 @@ def measure_utility(
             p.requires_grad_(flags[id(p)])
             p.grad = None
         model.train(was_training)
-    wall_s = time.perf_counter() - t_start
+    wall_s = prior_s + time.perf_counter() - t_start
     table.cost = {
         "fwdbwd_s": fwdbwd_s, "wall_s": wall_s, "resumed_wall_s": prior_s, "setup_s": setup_s, "train_s": train_s,
         "eval_s": eval_s, "evaluations": evaluations, "steps": steps,

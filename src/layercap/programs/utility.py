@@ -14,9 +14,9 @@ after a short adaptation of block k alone with ``levels[j]`` capacity units (nat
 u_k(0) = 0). ``costs[k]``: adapter parameters of one unit in block k. ``fingerprint``: what
 identifies the weights the table was measured on (parameter count and a hash of sampled
 weights); a table from another model is refused. A partial (resumable) table has ``complete``
-false and ``null`` where not measured. Values may decrease with the level by at most
-``tolerance`` nats/token (measurement noise); a larger decrease is an error naming the block
-and the level (the adaptation overshoots: lower the learning rate or change the steps).
+false and ``null`` where not measured. In a complete table values may decrease with the level
+by at most ``tolerance`` nats/token (measurement noise); a larger decrease is an error naming
+the block and the level (the adaptation overshoots: lower the learning rate or change the steps).
 
 Program (``solve_utility_program``)::
 
@@ -140,7 +140,7 @@ class UtilityTable:
                 if self.levels[j] == 0 and v != 0.0:
                     raise LayercapError(f"{src}: reduction[{k}][{j}] (block {self.blocks[k]}, level 0) = {v!r}; "
                                         "level 0 means no adapter, so it must be 0. Fix the file or " + fix + ".")
-                if v < prev - self.tolerance:
+                if self.complete and v < prev - self.tolerance:  # a partial table is not yet a curve
                     raise LayercapError(
                         f"{src}: block {self.blocks[k]} (reduction[{k}][{j}]): the utility decreases with the level, "
                         f"{prev:.4g} nats/token at {prev_n} units but {v:.4g} at {self.levels[j]} units (more than the "
