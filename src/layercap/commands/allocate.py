@@ -1,7 +1,9 @@
 """``layercap allocate``: per-layer capacity (LoRA experts / rank units) under a budget.
 
 Reads a scores file, runs an allocation rule (default: the MDL program, SPEC section 2) and
-writes a ``layercap.allocation/v1`` record (JSON, plus CSV with --csv). numpy only: no torch.
+writes a ``layercap.allocation/v1`` record (JSON, plus CSV with --csv). ``--rule mdl:measured
+--utility FILE`` reads a measured utility table (``layercap utility``) instead of scores (SCORES,
+when given, must name the same blocks). numpy only: no torch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def add_allocation_options(p: argparse.ArgumentParser, budget_required: bool = T
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from layercap.programs.rules import ALLOCATION_RULES
+    from layercap.programs.rules import ALLOCATION_RULES, UTILITY_RULES
 
     p = subparsers.add_parser(
         NAME, help="allocate LoRA experts / rank per layer under a budget",
@@ -38,12 +40,16 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "budget, by the MDL water-filling program or a baseline rule, and write a "
                     "layercap.allocation/v1 JSON record.",
     )
-    p.add_argument("scores", metavar="SCORES", help="scores file (layercap.scores/v1 JSON or CSV)")
+    p.add_argument("scores", metavar="SCORES", nargs="?", default=None,
+                   help="scores file (layercap.scores/v1 JSON or CSV); optional with --utility (then checked against it)")
     add_allocation_options(p)
     p.add_argument("--integer", dest="integer", action="store_true", default=True,
                    help="whole units (default): greedy integer allocation with a gap certificate")
     p.add_argument("--continuous", dest="integer", action="store_false", help="real-valued units (the continuous program)")
-    p.add_argument("--rule", default="mdl", choices=ALLOCATION_RULES, help="allocation rule (default mdl)")
+    p.add_argument("--rule", default="mdl", choices=list(ALLOCATION_RULES) + list(UTILITY_RULES),
+                   help="allocation rule (default mdl; mdl:measured reads --utility)")
+    p.add_argument("--utility", default=None, metavar="FILE",
+                   help="utility table (layercap.utility/v1, from `layercap utility`) for --rule mdl:measured")
     p.add_argument("--unit", default="experts", choices=("experts", "rank", "units"), help="what one unit is (default experts)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output allocation JSON")
     p.add_argument("--csv", action="store_true", help="also write the per-layer table as CSV beside the JSON")
@@ -124,15 +130,32 @@ def main(args) -> int:
     from layercap.programs.rules import allocation_by_rule
     from layercap.scorefile import LayerScores
 
+    from layercap.programs.rules import UTILITY_RULES
+
     check_allocation_options(args, args.rule)
-    out = check_output(args.output, args.csv, inputs=(args.scores, args.cost))
-    scores = LayerScores.load(args.scores)
+    measured = args.rule in UTILITY_RULES
+    if measured != (args.utility is not None):
+        raise LayercapError("--utility FILE goes with --rule mdl:measured (and that rule needs it)." if measured else
+                            f"--utility is read only by --rule {UTILITY_RULES[0]}; drop it or change --rule.")
+    if args.scores is None and not measured:
+        raise LayercapError(f"rule {args.rule!r} reads a scores file: pass SCORES (from `layercap score`).")
+    out = check_output(args.output, args.csv, inputs=(args.scores, args.cost, args.utility))
+    scores = LayerScores.load(args.scores) if args.scores else None
+    utility = None
+    if measured:
+        from layercap.programs.utility import UtilityTable
+
+        utility = UtilityTable.load(args.utility)
+        if args.cost not in (None, "count", "params"):
+            raise LayercapError("--cost with --utility: use count (1 per unit) or params (the table's adapter parameters per unit).")
     alloc = allocation_by_rule(
-        args.rule, scores, args.budget, costs=resolve_cost_option(args.cost, scores), beta=args.beta,
-        alpha=parse_alpha(args.alpha), lower=args.lower, upper=args.upper, integer=args.integer, unit=args.unit,
+        args.rule, scores, args.budget, costs=args.cost if measured else resolve_cost_option(args.cost, scores),
+        beta=args.beta, alpha=parse_alpha(args.alpha), lower=args.lower, upper=args.upper, integer=args.integer,
+        unit=args.unit, utility=utility,
     )
-    alloc.metadata["scores_file"] = str(args.scores)
-    rows = [[l.name, f"{l.q:.4f}", l.n if alloc.integer else f"{l.n:.3f}", f"{l.cost:g}"] for l in alloc.layers]
+    alloc.metadata["scores_file" if not measured else "utility_file"] = str(args.scores if not measured else args.utility)
+    rows = [[l.name, "-" if l.q is None else f"{l.q:.4f}", l.n if alloc.integer else f"{l.n:.3f}", f"{l.cost:g}"]
+            for l in alloc.layers]
     format_table(["layer", "q", args.unit, "cost"], rows)
     mu = "-" if alloc.mu is None else f"{alloc.mu:.4g}"
     gap = "" if alloc.gap is None else f"  gap {alloc.gap:.3g}"

@@ -36,12 +36,34 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--obd", nargs="*", choices=("diag", "kfac"), default=[],
                    help="also the second-order estimates (diagonal Fisher and/or K-FAC) and their Spearman agreement")
     p.add_argument("--fisher", choices=("true", "empirical"), default="true", help="Fisher labels for --obd (default true)")
+    add_table_options(p, "damage")
+    return p
+
+
+def add_table_options(p: argparse.ArgumentParser, what: str) -> None:
+    """The flags every resumable measurement command shares (``layercap damage``, ``layercap utility``)."""
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda; default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     p.add_argument("--fresh", action="store_true", help="discard a partial table from an earlier run instead of resuming")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="output damage table (JSON)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help=f"output {what} table (JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+
+
+def measure_resumable(args, measure):
+    """Load MODEL, run ``measure(model, tokenizer, partial) -> table`` with the partial table kept
+    beside -o (``FILE.partial``; dropped first with --fresh), save the table to -o and drop the
+    partial. Returns (table, output path)."""
+    from layercap.models import load_model
+
+    out = Path(args.output)
+    partial = out.with_name(out.name + ".partial")
+    if args.fresh:
+        partial.unlink(missing_ok=True)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    table = measure(model, tokenizer, partial)
+    table.save(out)
+    partial.unlink(missing_ok=True)
+    return table, out
 
 
 def _validate(args) -> None:
@@ -69,24 +91,19 @@ def main(args) -> int:
     _validate(args)
     from layercap.apply.prune.damage import curvature_stats, damage_curves
     from layercap.data.calibration import calibration_set
-    from layercap.models import find_blocks, load_model
+    from layercap.models import find_blocks
 
-    out = Path(args.output)
-    partial = out.with_name(out.name + ".partial")
-    if args.fresh:
-        partial.unlink(missing_ok=True)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    from layercap.models.checks import check_seqlen
+    def measure(model, tokenizer, partial):
+        from layercap.models.checks import check_seqlen
 
-    check_seqlen(model, args.seqlen)
-    calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    blocks = find_blocks(model)
-    curvature = curvature_stats(model, calib, args.obd, fisher=args.fisher, seed=args.seed) if args.obd else None
-    table = damage_curves(model, calib, args.levels, args.method, structure=args.structure, blocks=blocks,
-                          batch_size=args.batch_size, curvature=curvature, checkpoint=partial,
-                          progress=not args.quiet, model_id=args.model)
-    table.save(out)
-    partial.unlink(missing_ok=True)
+        check_seqlen(model, args.seqlen)
+        calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        curvature = curvature_stats(model, calib, args.obd, fisher=args.fisher, seed=args.seed) if args.obd else None
+        return damage_curves(model, calib, args.levels, args.method, structure=args.structure, blocks=find_blocks(model),
+                             batch_size=args.batch_size, curvature=curvature, checkpoint=partial,
+                             progress=not args.quiet, model_id=args.model)
+
+    table, out = measure_resumable(args, measure)
     c = table.cost
     print(f"damage ({table.method}): {len(table.blocks)} blocks x {len(table.levels)} levels on {c['tokens']} tokens; "
           f"dense NLL {table.dense_nll:.4f}; {c['wall_s']:.1f} s = {c['forward_equivalents']:.1f} forward passes "

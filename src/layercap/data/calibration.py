@@ -135,6 +135,14 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _check_sizes(nsamples: int, seqlen: int) -> None:
+    if nsamples < 1 or seqlen < 2:
+        raise LayercapError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}.")
+    if nsamples * seqlen > MAX_WINDOW_TOKENS:
+        raise LayercapError(f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen:,} tokens, more than the "
+                            f"{MAX_WINDOW_TOKENS:,} layercap holds in memory; use fewer or shorter windows.")
+
+
 def calibration_set(
     tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0, bos="auto", model=None,
     start_token: int = 0,
@@ -145,12 +153,15 @@ def calibration_set(
     config) lets ``auto`` recognise a family that needs BOS (Gemma) whatever its tokenizer says.
     ``start_token``: windows are drawn from token ``start_token`` on, so that the first tokens of
     the text can be held out for evaluation (perplexity reads a text from its start)."""
-    if nsamples < 1 or seqlen < 2:
-        raise LayercapError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}.")
-    if nsamples * seqlen > MAX_WINDOW_TOKENS:
-        raise LayercapError(f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen:,} tokens, more than the "
-                            f"{MAX_WINDOW_TOKENS:,} layercap holds in memory; use fewer or shorter windows.")
-    tokens = tokenize_text(tokenizer, read_text(path))
+    _check_sizes(nsamples, seqlen)
+    return windows_from_tokens(tokenize_text(tokenizer, read_text(path)), path, tokenizer, nsamples, seqlen, seed, bos,
+                               model, start_token)
+
+
+def windows_from_tokens(tokens: torch.Tensor, path, tokenizer, nsamples: int, seqlen: int, seed: int = 0, bos="auto",
+                        model=None, start_token: int = 0) -> CalibrationSet:
+    """:func:`calibration_set` on already tokenised text ``tokens`` (1-D) read from ``path``."""
+    _check_sizes(nsamples, seqlen)
     if start_token:
         if not (isinstance(start_token, int) and start_token >= 0):
             raise LayercapError(f"start_token must be a whole number >= 0, got {start_token!r}.")
@@ -168,3 +179,16 @@ def calibration_set(
     choice = as_bos_choice(bos, tokenizer, model)
     windows = put_bos(windows, choice)
     return CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes() + choice.hash_tag), str(path), seed, choice)
+
+
+def split_sets(tokenizer, path: str | Path, nsamples: int, heldout: int, seqlen: int, seed: int = 0, split: float = 0.5,
+               bos="auto", model=None) -> tuple[CalibrationSet, CalibrationSet]:
+    """(train, held-out): ``nsamples`` windows from the first ``split`` fraction of the text's tokens
+    and ``heldout`` windows from the rest (disjoint by position; seeds ``seed`` and ``seed + 1``)."""
+    if not (isinstance(split, (int, float)) and 0.0 < split < 1.0):
+        raise LayercapError(f"--split {split!r} must lie strictly between 0 and 1 (the fraction of the text trained on).")
+    tokens = tokenize_text(tokenizer, read_text(path))
+    cut = int(split * tokens.numel())
+    train = windows_from_tokens(tokens[:cut], path, tokenizer, nsamples, seqlen, seed, bos, model)
+    held = windows_from_tokens(tokens[cut:], path, tokenizer, heldout, seqlen, seed + 1, bos, model)
+    return train, held

@@ -6,6 +6,8 @@
 - pruning:    pruning ratios, modes "exact" and "at-least" (SPEC section 3)
 - transfer:   regret and the Theorem-4 bound (SPEC section 4)
 - rules:      the MDL programs and the baseline rules on the same budget (SPEC section 5)
+- damage:     measured convex damage curves and the pruning program on them (mdl:damage, mdl:obd)
+- utility:    measured concave utility curves and the allocation program on them (mdl:measured)
 """
 
 from layercap.programs.allocation import WaterFilling, water_fill

@@ -53,7 +53,8 @@ PROGRAM_MODES = ("exact", "at-least")
 
 
 # ---- the record ---------------------------------------------------------------------------
-def _matrix(value: Any, K: int, L: int, src: str, key: str, allow_none: bool) -> list[list[float | None]]:
+def _matrix(value: Any, K: int, L: int, src: str, key: str, allow_none: bool,
+            command: str = "damage") -> list[list[float | None]]:
     if not isinstance(value, list) or len(value) != K:
         raise LayercapError(f"{src}: field {key!r} must be a list of {K} rows (one per block), got "
                             f"{type(value).__name__}{'' if not isinstance(value, list) else f' of length {len(value)}'}.")
@@ -62,7 +63,7 @@ def _matrix(value: Any, K: int, L: int, src: str, key: str, allow_none: bool) ->
         if not isinstance(row, list) or len(row) != L:
             raise LayercapError(f"{src}: {key}[{k}] must list one value per level ({L} levels); "
                                 f"got {row if not isinstance(row, list) else f'{len(row)} values'}. "
-                                "Missing levels: re-run `layercap damage` with the same --levels.")
+                                f"Missing levels: re-run `layercap {command}` with the same --levels.")
         clean = []
         for j, v in enumerate(row):
             if v is None and allow_none:
@@ -71,7 +72,7 @@ def _matrix(value: Any, K: int, L: int, src: str, key: str, allow_none: bool) ->
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise LayercapError(f"{src}: {key}[{k}][{j}] = {v!r} must be a finite number "
                                     + ("(or null while the table is partial)." if allow_none else
-                                       "(a complete table has every value measured; re-run the damage pass)."))
+                                       f"(a complete table has every value measured; re-run `layercap {command}`)."))
             clean.append(float(v))
         out.append(clean)
     return out
@@ -326,6 +327,34 @@ def _segments(envelopes, N):
     return rows
 
 
+def take_segments(envelopes, weights, start, target: float, *, beyond: float = -math.inf,
+                  stop_at: float = math.inf) -> tuple[np.ndarray, float, float]:
+    """The fractional knapsack over convex envelope segments: the exact dual search.
+
+    ``envelopes``: per block (xs, ys) convex piecewise linear, starting at ``start[k]``;
+    ``weights``: (K,) the constraint's weight per unit of x. Segments are taken whole in order of
+    their slope per unit weight until sum weights x reaches ``target`` (the last one partially);
+    a segment with slope < ``beyond`` is taken whole even past the target; none with slope >=
+    ``stop_at`` is taken. Returns (x, sum weights x, the slope of the last segment taken =
+    the dual price; -inf when none was)."""
+    x = np.asarray(start, dtype=np.float64).copy()
+    used = float(np.dot(weights, x))
+    lam = -math.inf
+    for k, x0, x1, slope in _segments(envelopes, weights):
+        if slope >= stop_at:
+            break
+        room = target - used
+        if room <= 0 and not slope < beyond:
+            break
+        take = (x1 - x0) if slope < beyond else min(x1 - x0, room / weights[k])
+        x[k] = x0 + take
+        used += take * weights[k]
+        lam = slope
+        if take < x1 - x0:
+            break
+    return x, used, lam
+
+
 def solve_damage_program(damage: np.ndarray, levels: Sequence[float], params: Sequence[float], sparsity: float, *,
                          min_ratio: float = 0.0, max_ratio: float = 0.95, size_weight: float = 0.0,
                          mode: str = "exact") -> DamageSolution:
@@ -356,21 +385,9 @@ def solve_damage_program(damage: np.ndarray, levels: Sequence[float], params: Se
     target = s * total
     full = [lower_envelope(lv, D[k]) for k in range(N.size)]
     envs = [_clip_envelope(xs, ys, lo, hi) for xs, ys in full]
-    rho = np.full(N.size, lo)
-    used = lo * total
-    lam = -math.inf
-    # fractional knapsack over segments in slope order; "at-least" keeps taking segments whose
-    # slope is below the size reward w (they lower the objective)
-    for k, x0, x1, slope in _segments(envs, N):
-        room = target - used
-        if room <= 0 and not (mode == "at-least" and slope < size_weight):
-            break
-        take = (x1 - x0) if (mode == "at-least" and slope < size_weight) else min(x1 - x0, room / N[k])
-        rho[k] = x0 + take
-        used += take * N[k]
-        lam = slope
-        if take < x1 - x0:
-            break
+    # "at-least" keeps taking segments whose slope is below the size reward w (they lower the objective)
+    rho, _, lam = take_segments(envs, N, np.full(N.size, lo), target,
+                                beyond=size_weight if mode == "at-least" else -math.inf)
     rho = np.clip(rho, lo, hi)
 
     def obj(r):

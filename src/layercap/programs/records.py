@@ -128,6 +128,17 @@ def _f(x: Any) -> Any:
     return x
 
 
+def jsonable(x):
+    """A bound (None, scalar or per-layer array) as JSON: whole numbers as ints."""
+    if x is None:
+        return None
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 0:
+        v = float(a)
+        return int(v) if v.is_integer() else v
+    return [int(v) if float(v).is_integer() else float(v) for v in a]
+
+
 # ---- allocation ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AllocatedLayer:

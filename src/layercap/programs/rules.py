@@ -25,6 +25,7 @@ n_k is floored and the leftover budget goes one unit at a time to the largest fr
 - adversarial: the benchmark's control, a deliberately bad allocation: every unit above the
   lower bounds goes to the ADVERSARIAL_BLOCKS layers with the lowest gain q_k (w_k = 1 there,
   0 elsewhere, the shared rounding), so it spends the same budget as every other rule.
+- mdl:measured: the program with measured concave utilities (utility.py), given a utility table.
 
 Pruning baselines, all rescaled so that the parameter-weighted mean ratio equals the target
 exactly (sum N_k rho_k = s sum N_k, after clipping to [min_ratio, max_ratio]):
@@ -53,7 +54,7 @@ from layercap.programs._solve import clipped_linear_root, dot, polish_root
 from layercap.programs.allocation import _water_fill, prepare
 from layercap.programs.integer import _whole, allocate_integer
 from layercap.programs.pruning import pruning_ratios, validate
-from layercap.programs.records import AllocatedLayer, Allocation, PruningRatios, RatioLayer
+from layercap.programs.records import AllocatedLayer, Allocation, PruningRatios, RatioLayer, jsonable as _jsonable
 from layercap.scorefile import LayerScores
 
 MOLA_PATTERNS = {"mola-2468": (2, 4, 6, 8), "mola-8642": (8, 6, 4, 2), "mola-5555": (5, 5, 5, 5)}
@@ -70,6 +71,10 @@ MEASURED = "measured"
 # sources of the convex-damage program (mdl:damage, mdl:obd): damage tables measured per pruner
 # (layercap.apply.prune.damage), not scores files
 DAMAGE_SOURCES = ("damage", "obd")
+# the source of the concave-utility allocation program (mdl:measured): a utility table measured by
+# adapting each block alone (layercap.apply.utility, schema layercap.utility/v1), not a scores file
+UTILITY_SOURCES = ("measured",)
+UTILITY_RULES = tuple(f"mdl:{k}" for k in UTILITY_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -232,15 +237,27 @@ def scale_round(weights, budget, costs, lower, upper, integer: bool) -> np.ndarr
     return base
 
 
-def allocation_by_rule(rule: str, scores: LayerScores, budget: float, *, costs=None, beta: float = 0.9,
-                       alpha="auto", lower=1, upper=None, integer: bool = True, unit: str = "experts") -> Allocation:
+def allocation_by_rule(rule: str, scores: LayerScores | None, budget: float, *, costs=None, beta: float = 0.9,
+                       alpha="auto", lower=1, upper=None, integer: bool = True, unit: str = "experts",
+                       utility=None) -> Allocation:
     """Allocate `budget` (in cost units) across the layers of `scores` by `rule`.
 
     costs: None / "count" / "params" / array (K,). lower/upper: per-layer bounds (scalar or (K,);
     upper None = unbounded). integer: whole units (experts, rank units). Returns Allocation with
     per-layer n, q, cost; mu/binds/spent; gap (integer mdl) and metadata (rule parameters,
-    objective, warnings).
+    objective, warnings). ``utility``: the UtilityTable that rule ``mdl:measured`` (or ``mdl``
+    given a table) reads instead of scores; ``scores`` may then be None or name the same blocks.
     """
+    if rule in UTILITY_RULES or (rule == "mdl" and utility is not None):
+        from layercap.programs.utility import allocation_from_utility
+
+        if utility is None:
+            raise LayercapError(f"rule {rule!r} reads a utility table (`layercap utility MODEL ... -o utility.json`); "
+                                "pass it (--utility FILE).")
+        if scores is not None:
+            utility.check_compatible(scores.names)
+        return allocation_from_utility(utility, budget, lower=lower, upper=upper, integer=integer,
+                                       costs=costs, unit=unit, rule=UTILITY_RULES[0])
     if rule not in ALLOCATION_RULES:
         raise LayercapError(f"allocation rule {rule!r} is unknown; use one of: {', '.join(ALLOCATION_RULES)}.")
     if unit not in ("experts", "rank", "units"):
@@ -267,16 +284,6 @@ def allocation_by_rule(rule: str, scores: LayerScores, budget: float, *, costs=N
     meta["warnings"] = warnings
     return Allocation(rule=rule, budget=float(budget), unit=unit, integer=bool(integer), layers=layers,
                       mu=None if mu is None else float(mu), binds=bool(binds), spent=float(dot(c, n)), gap=gap, metadata=meta)
-
-
-def _jsonable(x):
-    if x is None:
-        return None
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim == 0:
-        v = float(a)
-        return int(v) if v.is_integer() else v
-    return [int(v) if float(v).is_integer() else float(v) for v in a]
 
 
 # ---- pruning ------------------------------------------------------------------------------
