@@ -160,13 +160,21 @@ def test_text_corpus_task_both_adapters_and_the_control(shared_data, tmp_path):
     from layercap.apply.finetune import FinetuneOptions
     from layercap.experiments.allocation_sweep import AllocationSweepOptions, run_allocation_sweep
 
-    model_dir, _ = _tiny_dir(tmp_path)
+    model_dir, names = _tiny_dir(tmp_path)
     text = shared_data / "corpora" / "tinyshakespeare" / "input.txt"
     ft = FinetuneOptions(rank=2, max_steps=2, batch_size=2, max_length=32, limit_train=8, limit_eval=4, progress=False)
-    opts = AllocationSweepOptions(str(model_dir), 8, ["uniform", "adversarial:gradnorm", "mdl:gradnorm"], [str(text)], ["-"],
-                                  seeds=[0, 1], calib_nsamples=2, calib_seqlen=16, finetune=ft, adapters=["moe", "lora"])
+    rules = ["uniform", "adversarial:gradnorm", "mdl:gradnorm", "mdl:measured"]
+    opts = AllocationSweepOptions(str(model_dir), 8, rules, [str(text)], ["-"], seeds=[0, 1], calib_nsamples=2,
+                                  calib_seqlen=16, finetune=ft, adapters=["moe", "lora"], utility_levels=[0, 1, 2, 4],
+                                  utility_steps=2)
     c, summary = run_allocation_sweep(opts, tmp_path / "out")
-    assert len(c.cells) == 2 * 3 * 2 and {x.adapter for x in c.cells} == {"moe", "lora"}
+    assert len(c.cells) == 2 * 4 * 2 and {x.adapter for x in c.cells} == {"moe", "lora"}
+    assert {"utility:tinyshakespeare:moe", "utility:tinyshakespeare:lora"} <= set(summary.ran)
+    from layercap.programs.utility import UtilityTable
+
+    table = UtilityTable.load(tmp_path / "out" / "utility" / "tinyshakespeare-lora.json")
+    assert table.levels == [0, 1, 2, 4] and table.blocks == names
+    assert max(c.allocations["tinyshakespeare/lora"]["mdl:measured"]) <= 4  # capped at the largest measured level
     assert all(x.acc is None and 0 < x.nll < 20 for x in c.cells)
     heldout = c.cells[0].eval["heldout"]
     assert heldout["tokens"] == 4 * 31 and heldout["data"]["split_token"] > 0

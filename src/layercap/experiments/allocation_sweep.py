@@ -10,6 +10,8 @@ Stages (names; artefacts relative to OUTDIR)::
     scores:<task>:<method>                    scores/<task>-<method>.json   (alpha-hill: scores/alpha-hill.json,
                                                                             weights only, shared by the tasks)
     baseline:<task>                           baselines/<task>.json  (the unadapted model's nll / acc)
+    utility:<task>:<adapter>                  utility/<task>-<adapter>.json   (mdl:measured only: the measured
+                                                                            utility curves, layercap.utility/v1)
     allocation:<task>:<adapter>:<rule>        allocations/<task>/<adapter>/<rule>.json
     finetune:<task>:<adapter>:<rule>:seed<s>  runs/<task>/<adapter>/<rule>/seed<s>/   (finetune.json, adapter/)
 
@@ -74,6 +76,12 @@ class AllocationSweepOptions:
     dtype: str = "float32"
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     adapters: list[str] = field(default_factory=list)
+    # mdl:measured: each block adapted alone at these unit levels for utility_steps Adam steps
+    # (lr: utility_lr, default the fine-tuning lr) on calib_nsamples training windows, the
+    # reduction measured on as many other training windows (never the evaluation data)
+    utility_levels: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    utility_steps: int = 10
+    utility_lr: float | None = None
 
     def __post_init__(self) -> None:
         from layercap.apply.finetune.adapters import ADAPTERS
@@ -82,8 +90,14 @@ class AllocationSweepOptions:
 
         if not (self.budget > 0):
             raise LayercapError(f"budget must be > 0, got {self.budget}.")
-        known = available_methods()
+        from layercap.programs.rules import UTILITY_SOURCES
+        from layercap.programs.utility import check_unit_levels
+
+        known = set(available_methods()) | set(UTILITY_SOURCES)
         specs = [parse_rule(r, "allocation", known_sources=known) for r in self.rules]
+        self.utility_levels = check_unit_levels(self.utility_levels, "utility_levels")
+        if self.utility_steps < 1 or (self.utility_lr is not None and not self.utility_lr > 0):
+            raise LayercapError(f"utility_steps must be >= 1 and utility_lr > 0, got {self.utility_steps}, {self.utility_lr}.")
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
             raise LayercapError(f"rules lists a rule twice ({labels}).")
@@ -170,6 +184,16 @@ def _cell_rel(task: str, adapter: str, spec: RuleSpec, seed: int) -> str:
     return f"runs/{task}/{adapter}/{spec.dirname}/seed{seed}"
 
 
+def _utility_rel(task: str, adapter: str) -> str:
+    return f"utility/{task}-{adapter}.json"
+
+
+def _measured(spec: RuleSpec) -> bool:
+    from layercap.programs.rules import UTILITY_SOURCES
+
+    return spec.source in UTILITY_SOURCES
+
+
 def _baseline_rel(task: str) -> str:
     return f"baselines/{task}.json"
 
@@ -182,7 +206,7 @@ def plan(sw: _Sweep) -> list[Stage]:
     seen: set[str] = set()
     for task, train, _ in sw.tasks:
         for spec in o.specs:
-            if spec.source is None or _score_rel(task, spec.source) in seen:
+            if spec.source is None or _measured(spec) or _score_rel(task, spec.source) in seen:
                 continue
             rel = _score_rel(task, spec.source)
             seen.add(rel)
@@ -197,11 +221,22 @@ def plan(sw: _Sweep) -> list[Stage]:
                   "eval": file_hash(ev, "eval") if ev else None, "options": eval_options}
         stages.append(Stage(f"baseline:{task}", lambda ctx, i=inputs: i,
                             lambda ctx, t=task, tr=train, e=ev: _baseline(ctx, t, tr, e)))
+    if any(_measured(spec) for spec in o.specs):
+        for task, train, _ in sw.tasks:
+            for adapter in o.adapters:
+                ft = o.finetune_for(adapter)
+                inputs = {"model": model_fp, "dtype": o.dtype, "train": file_hash(train, "train"), "calibration": calib_key,
+                          "levels": o.utility_levels, "steps": o.utility_steps, "lr": o.utility_lr or ft.lr,
+                          "rank": ft.rank, "targets": ft.targets, "adapter": adapter, "bos": ft.bos,
+                          "heldout_fraction": ft.heldout_fraction}
+                stages.append(Stage(f"utility:{task}:{adapter}", lambda ctx, i=inputs: i,
+                                    lambda ctx, t=task, tr=train, a=adapter: _utility(ctx, t, tr, a)))
     for task, train, _ in sw.tasks:
         for adapter in o.adapters:
             for spec in o.specs:
                 rel = _alloc_rel(task, adapter, spec)
-                upstream = [_score_rel(task, spec.source)] if spec.source else []
+                upstream = ([_utility_rel(task, adapter)] if _measured(spec) else
+                            [_score_rel(task, spec.source)] if spec.source else [])
                 ft = o.finetune_for(adapter)
                 settings = {"rule": spec.label, "budget": o.budget, "beta": o.beta, "lower": o.min_units(adapter),
                             "adapter": adapter, "targets": ft.targets, "rank": ft.rank, "model": model_fp}
@@ -255,6 +290,24 @@ def _score(sw: _Sweep, task: str, train: str, method: str, rel: str) -> list[str
     return [rel]
 
 
+def _utility(sw: _Sweep, task: str, train: str, adapter: str) -> list[str]:
+    """The measured utility curves of every block for rule mdl:measured (training windows only)."""
+    from layercap.apply.utility import measure_utility
+
+    o = sw.options
+    model, _ = sw.base()
+    ft = o.finetune_for(adapter)
+    calib, validation = _calibration(sw, train)
+    rel = _utility_rel(task, adapter)
+    print(f"utility curves ({adapter}) on {train}: levels {o.utility_levels}, {o.utility_steps} steps", file=sys.stderr)
+    table = measure_utility(model, calib, validation, o.utility_levels, steps=o.utility_steps, lr=o.utility_lr or ft.lr,
+                            unit_rank=ft.rank, adapter=adapter, targets=ft.targets, batch_size=o.calib_batch_size,
+                            checkpoint=sw.out / (rel + ".partial"), progress=ft.progress, model_id=o.model)
+    table.save(sw.out / rel)
+    (sw.out / (rel + ".partial")).unlink(missing_ok=True)
+    return [rel]
+
+
 def _baseline(sw: _Sweep, task: str, train: str, ev: str | None) -> list[str]:
     """The unadapted model on the cells' evaluation data: the scale every reduction is read against."""
     from layercap.experiments.finetune_job import evaluate_adapter, training_data
@@ -280,9 +333,16 @@ def _allocate(sw: _Sweep, task: str, adapter: str, spec: RuleSpec, rel: str) -> 
 
     o = sw.options
     model, _ = sw.base()
-    scores = LayerScores.load(sw.out / _score_rel(task, spec.source)) if spec.source else placeholder_scores(model)
-    alloc = allocation_by_rule(spec.rule, scores, o.budget, beta=o.beta, lower=o.min_units(adapter), integer=True,
-                               unit="experts" if adapter == "moe" else "rank")
+    utility = None
+    if _measured(spec):
+        from layercap.programs.utility import UtilityTable
+
+        utility = UtilityTable.load(sw.out / _utility_rel(task, adapter))
+    scores = (LayerScores.load(sw.out / _score_rel(task, spec.source)) if spec.source and utility is None
+              else placeholder_scores(model))
+    alloc = allocation_by_rule(spec.label if utility is not None else spec.rule, scores, o.budget, beta=o.beta,
+                               lower=o.min_units(adapter), integer=True, unit="experts" if adapter == "moe" else "rank",
+                               utility=utility)
     check_counts_for(model, {k: int(v) for k, v in alloc.counts().items()}, o.finetune_for(adapter))
     alloc.save(sw.out / rel)
     return [rel]
