@@ -276,12 +276,23 @@ def load(spec: str, device):
 
 
 OPTIM_KEYS = ("steps", "lr", "optimiser")
-KEY_DEFAULTS = {"tr_max_evals": 6, "tr_factor": 10.0}  # settings added later: older records used these
+TR_KEYS = ("tr_max_evals", "tr_factor")  # added with the calibrated methods; older records have none
 
 
 def _data_key(key: dict) -> dict:
     """What scores and Newton reductions depend on (everything but the optimiser budget)."""
-    return {**KEY_DEFAULTS, **{k: v for k, v in key.items() if k not in OPTIM_KEYS}}
+    return {k: v for k, v in key.items() if k not in OPTIM_KEYS}
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two records' units can be combined: the same data key, where the trust-region
+    settings count only when both records have them (older records hold no calibrated scores)."""
+    a, b = _data_key(a), _data_key(b)
+    for k in TR_KEYS:
+        if k not in a or k not in b:
+            a.pop(k, None)
+            b.pop(k, None)
+    return a == b
 
 
 def _optim_key(key: dict) -> dict:
@@ -299,7 +310,7 @@ class Progress:
                                       "score_info": {}}
         if resume and path.is_file():
             saved = json.loads(path.read_text())
-            if _data_key(saved.get("key", {})) == _data_key(key):
+            if same_data(saved.get("key", {}), key):
                 if _optim_key(saved["key"]) != _optim_key(key):
                     saved["optimiser"] = None  # made with another step budget
                 saved["key"] = key
@@ -315,7 +326,7 @@ class Progress:
         scoring, Newton steps and the optimiser budget were run as parallel processes."""
         for path in paths:
             other = json.loads(Path(path).read_text())
-            if _data_key(other.get("key", {})) != _data_key(self.key):
+            if not same_data(other.get("key", {}), self.key):
                 raise LayercapError(f"{path} was made with other data or settings; cannot merge it.")
             if _optim_key(other["key"]) != _optim_key(self.key):
                 other["optimiser"] = None
@@ -509,7 +520,7 @@ def parse(argv=None):
     p.add_argument("--cg-tol", type=float, default=1e-3)
     p.add_argument("--influence-aggregate", default="all")
     p.add_argument("--tr-max-evals", type=int, default=6, help="calibrated methods: trust-region forward passes per block")
-    p.add_argument("--tr-factor", type=float, default=10.0, help="calibrated methods: lambda grows / shrinks by this factor")
+    p.add_argument("--tr-factor", type=float, default=30.0, help="calibrated methods: lambda grows / shrinks by this factor")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimiser", choices=("adam", "sgd"), default="adam")

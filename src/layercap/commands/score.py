@@ -51,8 +51,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cg-max-iter", type=int, default=100, help="exact: CG iteration cap (default 100)")
     p.add_argument("--tr-max-evals", type=int, default=6,
                    help="-tr / gain methods: forward passes of the per-block Levenberg-Marquardt search (default 6)")
-    p.add_argument("--tr-factor", type=float, default=10.0,
-                   help="-tr / gain methods: lambda grows (r < 1/4) or shrinks (r > 3/4) by this factor (default 10)")
+    p.add_argument("--tr-factor", type=float, default=30.0,
+                   help="-tr / gain methods: lambda grows (r < 1/4) or shrinks (r > 3/4) by this factor (default 30)")
     p.add_argument("--max-factor-gb", type=float, default=None, metavar="GIB",
                    help="kfac/ekfac: stream the blocks in chunks whose statistics fit GIB (one data pass per chunk); "
                    "default: one pass on CPU, 60%% of free memory on CUDA")

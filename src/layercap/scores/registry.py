@@ -71,7 +71,7 @@ class ScoreOptions:
     cg_max_iter: int = 100
     trace_samples: int = 1
     tr_max_evals: int = 6
-    tr_factor: float = 10.0
+    tr_factor: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

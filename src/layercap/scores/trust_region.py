@@ -124,7 +124,7 @@ def reduction_ratio(decrease: float, zeta2: float) -> float:
 
 
 def trust_region(solve: Callable[[float], tuple[float, Step]], decrease: Callable[[Step], float], lam0: float,
-                 max_evals: int = 6, factor: float = 10.0) -> TrustRegion:
+                 max_evals: int = 6, factor: float = 30.0) -> TrustRegion:
     """Levenberg-Marquardt search over lambda (module docstring). ``solve(lam) -> (zeta2, step)``,
     ``decrease(step) -> L(theta) - L(theta + step)`` (one forward pass)."""
     trials: dict[float, tuple[float, float, float, Step]] = {}  # lam -> (zeta2, decrease, r, step)
