@@ -64,7 +64,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    from layercap.commands.allocate import check_output, format_table, save_with_csv
+    from layercap.commands._decision_io import check_output, format_table, save_with_csv
     from layercap.programs.rules import ratios_by_rule
     from layercap.scorefile import LayerScores
 

@@ -54,7 +54,8 @@ def check_program_options(args) -> None:
 
 
 def main(args) -> int:
-    from layercap.commands.allocate import check_output, format_table, parse_alpha, resolve_cost_option, save_with_csv
+    from layercap.commands._decision_io import check_output, format_table, save_with_csv
+    from layercap.commands.allocate import parse_alpha, resolve_cost_option
     from layercap.programs.transfer import transfer
     from layercap.scorefile import LayerScores
 
