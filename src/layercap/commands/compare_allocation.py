@@ -43,7 +43,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-batch-size", type=int, default=4, help="windows per scoring micro-batch; default 4")
     p.add_argument("--utility-levels", type=int, nargs="+", default=[0, 1, 2, 4, 8],
                    help="mdl:measured: unit levels of the measured utility curves; default 0 1 2 4 8")
-    p.add_argument("--utility-steps", type=int, default=10, help="mdl:measured: Adam steps per (block, level); default 10")
+    p.add_argument("--utility-steps", type=int, default=5, help="mdl:measured: Adam steps per (block, level); default 5")
+    p.add_argument("--utility-nsamples", type=int, default=4, help="mdl:measured: training (and as many held-out) windows; default 4")
+    p.add_argument("--utility-seqlen", type=int, default=64, help="mdl:measured: tokens per window; default 64")
     p.add_argument("--utility-lr", type=float, default=None, help="mdl:measured: their learning rate (default --lr)")
     add_training_args(p, per_task=True)
     p.add_argument("--resume", action="store_true", help="continue the comparison in OUTDIR (reruns what changed)")
@@ -61,7 +63,7 @@ def main(args) -> int:
         beta=args.beta, lower=args.lower, calib_nsamples=args.calib_nsamples, calib_seqlen=args.calib_seqlen,
         calib_batch_size=args.calib_batch_size, dtype=args.dtype, finetune=options_from_args(args, args.seeds[0]),
         adapters=args.adapters or [], utility_levels=args.utility_levels, utility_steps=args.utility_steps,
-        utility_lr=args.utility_lr), flags={"model": "MODEL"})
+        utility_lr=args.utility_lr, utility_nsamples=args.utility_nsamples, utility_seqlen=args.utility_seqlen), flags={"model": "MODEL"})
     command = "layercap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     comparison, summary = run_allocation_sweep(options, args.output, resume=args.resume, command=command)
     print(markdown_table(comparison))

@@ -10,8 +10,11 @@ Stages (names; artefacts relative to OUTDIR)::
     scores:<task>:<method>                    scores/<task>-<method>.json   (alpha-hill: scores/alpha-hill.json,
                                                                             weights only, shared by the tasks)
     baseline:<task>                           baselines/<task>.json  (the unadapted model's nll / acc)
-    utility:<task>:<adapter>                  utility/<task>-<adapter>.json   (mdl:measured only: the measured
-                                                                            utility curves, layercap.utility/v1)
+    utility:<task>                            utility/<task>.json   (mdl:measured only: the measured utility
+                                                                    curves, layercap.utility/v1; one LoRA of
+                                                                    rank rank x n per (block, level), read by
+                                                                    both adapters: a moe unit has the same
+                                                                    adapter parameters, no router)
     allocation:<task>:<adapter>:<rule>        allocations/<task>/<adapter>/<rule>.json
     finetune:<task>:<adapter>:<rule>:seed<s>  runs/<task>/<adapter>/<rule>/seed<s>/   (finetune.json, adapter/)
 
@@ -77,11 +80,13 @@ class AllocationSweepOptions:
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     adapters: list[str] = field(default_factory=list)
     # mdl:measured: each block adapted alone at these unit levels for utility_steps Adam steps
-    # (lr: utility_lr, default the fine-tuning lr) on calib_nsamples training windows, the
-    # reduction measured on as many other training windows (never the evaluation data)
+    # (lr: utility_lr, default the fine-tuning lr) on utility_nsamples x utility_seqlen training
+    # tokens, the reduction measured on as many other training windows (never the evaluation data)
     utility_levels: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
-    utility_steps: int = 10
+    utility_steps: int = 5
     utility_lr: float | None = None
+    utility_nsamples: int = 4
+    utility_seqlen: int = 64
 
     def __post_init__(self) -> None:
         from layercap.apply.finetune.adapters import ADAPTERS
@@ -105,7 +110,7 @@ class AllocationSweepOptions:
             raise LayercapError(f"eval gives {len(self.eval)} paths for {len(self.train)} train paths; pair them by position.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise LayercapError(f"seeds must be distinct and at least one, got {self.seeds}.")
-        for name in ("calib_nsamples", "calib_seqlen", "calib_batch_size"):
+        for name in ("calib_nsamples", "calib_seqlen", "calib_batch_size", "utility_nsamples", "utility_seqlen"):
             if getattr(self, name) < 1:
                 raise LayercapError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.lower is not None and self.lower < 0:
@@ -184,8 +189,8 @@ def _cell_rel(task: str, adapter: str, spec: RuleSpec, seed: int) -> str:
     return f"runs/{task}/{adapter}/{spec.dirname}/seed{seed}"
 
 
-def _utility_rel(task: str, adapter: str) -> str:
-    return f"utility/{task}-{adapter}.json"
+def _utility_rel(task: str) -> str:
+    return f"utility/{task}.json"
 
 
 def _measured(spec: RuleSpec) -> bool:
@@ -222,20 +227,18 @@ def plan(sw: _Sweep) -> list[Stage]:
         stages.append(Stage(f"baseline:{task}", lambda ctx, i=inputs: i,
                             lambda ctx, t=task, tr=train, e=ev: _baseline(ctx, t, tr, e)))
     if any(_measured(spec) for spec in o.specs):
+        ft = o.finetune
         for task, train, _ in sw.tasks:
-            for adapter in o.adapters:
-                ft = o.finetune_for(adapter)
-                inputs = {"model": model_fp, "dtype": o.dtype, "train": file_hash(train, "train"), "calibration": calib_key,
-                          "levels": o.utility_levels, "steps": o.utility_steps, "lr": o.utility_lr or ft.lr,
-                          "rank": ft.rank, "targets": ft.targets, "adapter": adapter, "bos": ft.bos,
-                          "heldout_fraction": ft.heldout_fraction}
-                stages.append(Stage(f"utility:{task}:{adapter}", lambda ctx, i=inputs: i,
-                                    lambda ctx, t=task, tr=train, a=adapter: _utility(ctx, t, tr, a)))
+            inputs = {"model": model_fp, "dtype": o.dtype, "train": file_hash(train, "train"), "levels": o.utility_levels,
+                      "steps": o.utility_steps, "lr": o.utility_lr or ft.lr, "nsamples": o.utility_nsamples,
+                      "seqlen": o.utility_seqlen, "rank": ft.rank, "targets": ft.targets, "bos": ft.bos,
+                      "heldout_fraction": ft.heldout_fraction}
+            stages.append(Stage(f"utility:{task}", lambda ctx, i=inputs: i, lambda ctx, t=task, tr=train: _utility(ctx, t, tr)))
     for task, train, _ in sw.tasks:
         for adapter in o.adapters:
             for spec in o.specs:
                 rel = _alloc_rel(task, adapter, spec)
-                upstream = ([_utility_rel(task, adapter)] if _measured(spec) else
+                upstream = ([_utility_rel(task)] if _measured(spec) else
                             [_score_rel(task, spec.source)] if spec.source else [])
                 ft = o.finetune_for(adapter)
                 settings = {"rule": spec.label, "budget": o.budget, "beta": o.beta, "lower": o.min_units(adapter),
@@ -259,20 +262,22 @@ def plan(sw: _Sweep) -> list[Stage]:
     return stages
 
 
-def _calibration(sw: _Sweep, train: str):
-    """(calibration, validation) windows for scoring: from the task's rendered training examples,
-    or from a text's training part (never its held-out part)."""
+def _calibration(sw: _Sweep, train: str, nsamples: int | None = None, seqlen: int | None = None):
+    """(calibration, validation) windows (default calib_nsamples x calib_seqlen) for scoring and
+    utility curves: from the task's rendered training examples, or from a text's training part
+    (never its held-out part)."""
     from layercap.data.bos import resolve_bos
     from layercap.data.domain import domain_split, is_text_corpus
     from layercap.data.instruction import instruction_calibration
 
     o = sw.options
+    nsamples, seqlen = nsamples or o.calib_nsamples, seqlen or o.calib_seqlen
     model, tokenizer = sw.base()
     bos = resolve_bos(o.finetune.bos, tokenizer, model)
     if is_text_corpus(train):
-        split = domain_split(tokenizer, train, o.calib_seqlen, o.finetune.heldout_fraction, bos=bos)
-        return split.calibration(o.calib_nsamples), split.calibration(o.calib_nsamples, offset=0.5)
-    return instruction_calibration(tokenizer, Path(train), o.calib_nsamples, o.calib_seqlen, bos=bos)
+        split = domain_split(tokenizer, train, seqlen, o.finetune.heldout_fraction, bos=bos)
+        return split.calibration(nsamples), split.calibration(nsamples, offset=0.5)
+    return instruction_calibration(tokenizer, Path(train), nsamples, seqlen, bos=bos)
 
 
 def _score(sw: _Sweep, task: str, train: str, method: str, rel: str) -> list[str]:
@@ -290,19 +295,19 @@ def _score(sw: _Sweep, task: str, train: str, method: str, rel: str) -> list[str
     return [rel]
 
 
-def _utility(sw: _Sweep, task: str, train: str, adapter: str) -> list[str]:
+def _utility(sw: _Sweep, task: str, train: str) -> list[str]:
     """The measured utility curves of every block for rule mdl:measured (training windows only)."""
     from layercap.apply.utility import measure_utility
 
     o = sw.options
     model, _ = sw.base()
-    ft = o.finetune_for(adapter)
-    calib, validation = _calibration(sw, train)
-    rel = _utility_rel(task, adapter)
-    print(f"utility curves ({adapter}) on {train}: levels {o.utility_levels}, {o.utility_steps} steps", file=sys.stderr)
-    table = measure_utility(model, calib, validation, o.utility_levels, steps=o.utility_steps, lr=o.utility_lr or ft.lr,
-                            unit_rank=ft.rank, adapter=adapter, targets=ft.targets, batch_size=o.calib_batch_size,
-                            checkpoint=sw.out / (rel + ".partial"), progress=ft.progress, model_id=o.model)
+    calib, validation = _calibration(sw, train, o.utility_nsamples, o.utility_seqlen)
+    rel = _utility_rel(task)
+    print(f"utility curves on {train}: levels {o.utility_levels}, {o.utility_steps} steps", file=sys.stderr)
+    table = measure_utility(model, calib, validation, o.utility_levels, steps=o.utility_steps,
+                            lr=o.utility_lr or o.finetune.lr, unit_rank=o.finetune.rank, adapter="lora",
+                            targets=o.finetune.targets, batch_size=o.calib_batch_size,
+                            checkpoint=sw.out / (rel + ".partial"), progress=o.finetune.progress, model_id=o.model)
     table.save(sw.out / rel)
     (sw.out / (rel + ".partial")).unlink(missing_ok=True)
     return [rel]
@@ -337,7 +342,7 @@ def _allocate(sw: _Sweep, task: str, adapter: str, spec: RuleSpec, rel: str) -> 
     if _measured(spec):
         from layercap.programs.utility import UtilityTable
 
-        utility = UtilityTable.load(sw.out / _utility_rel(task, adapter))
+        utility = UtilityTable.load(sw.out / _utility_rel(task))
     scores = (LayerScores.load(sw.out / _score_rel(task, spec.source)) if spec.source and utility is None
               else placeholder_scores(model))
     alloc = allocation_by_rule(spec.label if utility is not None else spec.rule, scores, o.budget, beta=o.beta,
