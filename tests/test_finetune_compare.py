@@ -79,6 +79,11 @@ def test_separation_needs_a_gap_beyond_three_seed_stds():
     assert x["gap"] == pytest.approx(0.2) and x["seed_std"] == pytest.approx(0.01) and x["separates"] is True
     (y,) = separation(cells([2.02, 2.05, 1.99]), "adversarial:kfac")
     assert y["separates"] is False  # 0.02 gap, 0.03 std
+    # a large seed effect shared by both rules: raw stds hide the gap, same-seed differences do not
+    shared = [Cell("t", r, s, None, None, None, 0.0, [], adapter="moe", nll=base + d) for s, base in enumerate([2.0, 2.3, 1.8])
+              for r, d in (("uniform", 0.0), ("adversarial:kfac", 0.1 + 0.002 * s))]
+    (z,) = separation(shared, "adversarial:kfac")
+    assert z["separates"] is False and z["separates_paired"] is True and z["paired_gap"] == pytest.approx(0.102)
 
 
 def test_cli_compare_allocation_and_resume(arc, shared_data, tmp_path, capsys):

@@ -127,12 +127,14 @@ def write_outputs(c: AllocationComparison, out: Path) -> None:
                                                for t, b in c.baselines.items()), ""]
     if c.separation:
         md += ["Separation check (the control `adversarial` against uniform): gap = NLL(adversarial) - NLL(uniform), "
-               "against 3 x the larger seed std:", "", "| task | adapter | gap | seed std | gap / std | separates |",
-               "|---|---|---|---|---|---|"]
+               "against 3 x the larger seed std, and against 3 x the std of the same-seed differences:", "",
+               "| task | adapter | gap | seed std | gap / std | separates | same-seed std | separates (paired) |",
+               "|---|---|---|---|---|---|---|---|"]
         for x in c.separation:
             ratio = "-" if x["gap_over_std"] is None else f"{x['gap_over_std']:.1f}"
             md.append(f"| {x['task']} | {x['adapter']} | {x['gap']:+.4f} | {x['seed_std']:.4f} | {ratio} | "
-                      f"{'yes' if x['separates'] else 'no'} |")
+                      f"{'yes' if x['separates'] else 'no'} | {x.get('paired_std', float('nan')):.4f} | "
+                      f"{'yes' if x.get('separates_paired') else 'no'} |")
         md.append("")
     md += ["Paired differences metric(MDL) - metric(other) (same seed: same data order and init; NLL in nats/token, "
            "accuracy in points); 'beyond noise' when |mean| > 2 standard errors:", "",

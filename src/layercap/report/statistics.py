@@ -77,17 +77,25 @@ def paired_differences(cells, rules: list[str], metrics=METRICS) -> list[dict]:
 def separation(cells, bad: str, reference: str = "uniform", metric: str = "nll", factor: float = 3.0) -> list[dict]:
     """Does the benchmark tell a bad allocation from ``reference``? Per (task, adapter): the gap
     mean(bad) - mean(reference) in the metric's bad direction, against ``factor`` x the larger of
-    the two rules' seed standard deviations (``separates``)."""
+    the two rules' seed standard deviations (``separates``), and against ``factor`` x the standard
+    deviation of the same-seed differences (``separates_paired``: the seed's shared part, its data
+    order, cancels)."""
     out = []
     for task, adapter in groups_of(cells):
-        b = list(_values(cells, task, adapter, bad, metric).values())
-        r = list(_values(cells, task, adapter, reference, metric).values())
+        b = _values(cells, task, adapter, bad, metric)
+        r = _values(cells, task, adapter, reference, metric)
         if not b or not r:
             continue
-        (mb, sb), (mr, sr) = mean_std(b), mean_std(r)
-        gap = (mb - mr) if LOWER_IS_BETTER[metric] else (mr - mb)
+        (mb, sb), (mr, sr) = mean_std(list(b.values())), mean_std(list(r.values()))
+        sign = 1.0 if LOWER_IS_BETTER[metric] else -1.0
+        gap = sign * (mb - mr)
         noise = max(sb, sr)
+        diffs = [sign * (b[s] - r[s]) for s in sorted(b) if s in r]
+        paired_mean, paired_std = mean_std(diffs) if diffs else (float("nan"), float("nan"))
+        enough = len(b) > 1 and len(r) > 1
         out.append({"task": task, "adapter": adapter, "metric": metric, "bad": bad, "reference": reference,
                     "gap": gap, "seed_std": noise, "gap_over_std": gap / noise if noise > 0 else None,
-                    "separates": bool(len(b) > 1 and len(r) > 1 and gap > factor * noise)})
+                    "separates": bool(enough and gap > factor * noise),
+                    "paired_gap": paired_mean, "paired_std": paired_std,
+                    "separates_paired": bool(len(diffs) > 1 and paired_mean > factor * paired_std)})
     return out
