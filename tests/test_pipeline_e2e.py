@@ -313,3 +313,27 @@ def test_measured_pruning_rules_in_the_main_job(data_root, tmp_path):
     assert (run_dir / "eval/mdl-obd.json").is_file()
     again = run_pipeline(_config(data_root, *few), run_dir)
     assert again.ran == ["report"] or again.ran == []
+
+
+def test_measured_utility_allocation_in_the_main_job(data_root, tmp_path):
+    """mdl:measured adds a utility stage (calibration windows only), its allocation spends the
+    budget, and the report shows the curves."""
+    from layercap.errors import LayercapError
+    from layercap.programs.records import Allocation
+    from layercap.programs.utility import UtilityTable
+
+    config = _config(data_root, "allocation.rules=[mdl:measured,uniform]", "allocation.utility_levels=[0,1,2,4]",
+                     "allocation.utility_steps=2", "pruning.rules=[uniform]", "pruning.apply=[uniform]",
+                     "scoring.methods=[gradnorm]", "allocation.scores=gradnorm", "pruning.scores=gradnorm")
+    run_dir = tmp_path / "measured"
+    summary = run_pipeline(config, run_dir)
+    assert "utility" in summary.ran
+    table = UtilityTable.load(run_dir / "utility" / "utility.json")
+    assert table.levels == [0, 1, 2, 4] and len(table.blocks) == 6
+    assert table.data["train"]["sha256"] != table.data["heldout"]["sha256"]
+    alloc = Allocation.load(run_dir / "allocation" / "mdl-measured.json")
+    assert alloc.spent == 24 and max(alloc.n) <= 4 and min(alloc.n) >= 1
+    md = (run_dir / "report.md").read_text()
+    assert "report_files/utility.png" in md and "| mdl:measured |" in md
+    with pytest.raises(LayercapError, match="utility_levels"):
+        _config(data_root, "allocation.utility_levels=[2,1]")

@@ -51,7 +51,23 @@ class RegisteredScoreMethods:
 
 
 SCORE_METHODS = RegisteredScoreMethods()
-ALLOCATION_RULES = _rules.ALLOCATION_RULES
+
+
+class AllocationRuleSpecs:
+    """Allowed allocation rules: every registered rule, plus ``mdl:measured`` (the concave program
+    on utility curves measured in the run). Iterates like a tuple."""
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(_rules.ALLOCATION_RULES) + tuple(_rules.UTILITY_RULES)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, name) -> bool:
+        return name in self.names()
+
+
+ALLOCATION_RULES = AllocationRuleSpecs()
 
 
 class PruningRuleSpecs:
@@ -72,7 +88,7 @@ RATIO_RULES = PruningRuleSpecs()
 # The score source each baseline rule reads. The others read the section's `scores` (mdl,
 # proportional) or use it only for the block names and sizes (uniform, MoLA patterns).
 RULE_SOURCES = {(section, name): rule.source
-                for section, rules in (("allocation", ALLOCATION_RULES), ("pruning", _rules.PRUNING_RULES))
+                for section, rules in (("allocation", _rules.ALLOCATION_RULES), ("pruning", _rules.PRUNING_RULES))
                 for name, rule in rules.items() if rule.source not in (None, _rules.CURVATURE, _rules.MEASURED)}
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")  # layercap.apply.prune.PRUNERS (a test keeps them equal)
 
@@ -142,6 +158,11 @@ class AllocationConfig:
     beta: float = _f("curvature exponent beta on q_k (0 = uniform, 1 = proportional; paper: 0.9)", kind="float", lo=0.0, default=0.9)
     alpha: Any = _f("`auto` (the budget is spent exactly) or a number > 0", kind="auto-or-float", lo=0.0, default="auto")
     integer: bool = _f("whole units per block (greedy, with an optimality gap certificate)", kind="bool", default=True)
+    utility_levels: list = _f("`mdl:measured`: units at which each block alone is adapted (0 first)", kind="ints",
+                              default_factory=lambda: [0, 1, 2, 4, 8])
+    utility_steps: int = _f("`mdl:measured`: Adam steps per (block, level)", kind="int", lo=1, default=5)
+    utility_lr: float = _f("`mdl:measured`: their learning rate", kind="float", lo=1e-12, default=1e-3)
+    utility_rank: int = _f("`mdl:measured`: LoRA rank of one unit", kind="int", lo=1, default=4)
 
 
 @dataclass
@@ -360,6 +381,10 @@ def _check_value(f, value: Any, key: str) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in value):
             raise LayercapError(f"{key} = {value!r} must be a non-empty list of numbers in [0, 1), e.g. [0.25, 0.5].")
         return [float(v) for v in value]
+    if base == "ints":
+        from layercap.programs.utility import check_unit_levels
+
+        return check_unit_levels(value, key)
     if base == "list":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

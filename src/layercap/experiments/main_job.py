@@ -12,6 +12,7 @@ Run directory layout (paths relative to it)::
     model/                   tiny-<family> models only: the saved random-init checkpoint
     data/calibration.npy     calibration windows (int64, nsamples x seqlen) + data.json
     scores/<method>.json     layercap.scores/v1
+    utility/utility.json     layercap.utility/v1 (only when allocation.rules has mdl:measured)
     allocation/<rule>.json   layercap.allocation/v1
     damage/<kind>.json       layercap.damage/v1 (mdl:obd -> obd, mdl:damage -> damage)
     ratios/<rule>.json       layercap.ratios/v1 (``:`` in a rule name is ``-`` in its file name)
@@ -246,20 +247,64 @@ def rule_source(ctx: RunContext, program: str, rule: str) -> str:
     return RULE_SOURCES.get((program, rule), scores)
 
 
+UTILITY_FILE = "utility/utility.json"
+
+
 def allocation_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
+    from layercap.programs.rules import UTILITY_RULES
+
     a = ctx.config.allocation
     fields_ = {k: getattr(a, k) for k in ("budget", "unit", "lower", "upper", "beta", "alpha", "integer")}
-    return {"rule": rule, "allocation": fields_, "upstream": ctx.runner.upstream(f"scores/{rule_source(ctx, 'allocation', rule)}.json")}
+    rels = [f"scores/{rule_source(ctx, 'allocation', rule)}.json"] + ([UTILITY_FILE] if rule in UTILITY_RULES else [])
+    return {"rule": rule, "allocation": fields_, "upstream": ctx.runner.upstream(*rels)}
+
+
+def utility_inputs(ctx: RunContext) -> dict[str, Any]:
+    a = ctx.config.allocation
+    return {"levels": a.utility_levels, "steps": a.utility_steps, "lr": a.utility_lr, "rank": a.utility_rank,
+            "batch_size": ctx.config.scoring.batch_size, "upstream": _model_and_data(ctx)}
+
+
+def stage_utility(ctx: RunContext) -> list[str]:
+    """Measured utility curves (``mdl:measured``): each block alone adapted at each level on the
+    first half of the calibration windows, the NLL reduction measured on the second half (both
+    from the calibration tokens, so never the evaluation text)."""
+    from layercap.apply.utility import measure_utility
+    from layercap.data.calibration import CalibrationSet
+    from layercap.io import sha256_bytes
+
+    a = ctx.config.allocation
+    calib = load_calibration(ctx)
+    n = calib.input_ids.shape[0]
+    if n < 2:
+        raise LayercapError(f"mdl:measured needs data.nsamples >= 2 (half to adapt on, half to measure), got {n}.")
+    halves = []
+    for ids in (calib.input_ids[: n // 2], calib.input_ids[n // 2:]):
+        halves.append(CalibrationSet(ids, sha256_bytes(ids.numpy().tobytes() + calib.bos.hash_tag), calib.source,
+                                     calib.seed, calib.bos))
+    model, _ = load_run_model(ctx, with_tokenizer=False)
+    ctx.path("utility").mkdir(parents=True, exist_ok=True)
+    table = measure_utility(model, halves[0], halves[1], a.utility_levels, steps=a.utility_steps, lr=a.utility_lr,
+                            unit_rank=a.utility_rank, batch_size=ctx.config.scoring.batch_size,
+                            checkpoint=str(ctx.path(UTILITY_FILE)) + ".partial", model_id=ctx.config.model.spec)
+    table.save(ctx.path(UTILITY_FILE))
+    Path(str(ctx.path(UTILITY_FILE)) + ".partial").unlink(missing_ok=True)
+    return [UTILITY_FILE]
 
 
 def stage_allocation(ctx: RunContext, rule: str) -> list[str]:
-    from layercap.programs.rules import allocation_by_rule
+    from layercap.programs.rules import UTILITY_RULES, allocation_by_rule
 
     a = ctx.config.allocation
     scores = load_scores(ctx, rule_source(ctx, "allocation", rule))
+    utility = None
+    if rule in UTILITY_RULES:
+        from layercap.programs.utility import UtilityTable
+
+        utility = UtilityTable.load(ctx.path(UTILITY_FILE))
     alloc = allocation_by_rule(rule, scores, a.budget, beta=a.beta, alpha=a.alpha, lower=a.lower, upper=a.upper,
-                               integer=a.integer, unit=a.unit)
-    rel = f"allocation/{rule}.json"
+                               integer=a.integer, unit=a.unit, utility=utility)
+    rel = f"allocation/{rule_file(rule)}.json"
     alloc.save(ctx.path(rel))
     return [rel]
 
@@ -528,6 +573,10 @@ def plan(config: PipelineConfig) -> list[Stage]:
     stages = [Stage("model", model_inputs, stage_model), Stage("data", data_inputs, stage_data)]
     for method in config.scoring.methods:
         stages.append(Stage(f"score:{method}", _bind(score_inputs, method), _bind(stage_score, method)))
+    from layercap.programs.rules import UTILITY_RULES
+
+    if any(rule in UTILITY_RULES for rule in config.allocation.rules):
+        stages.append(Stage("utility", utility_inputs, stage_utility))
     for rule in config.allocation.rules:
         stages.append(Stage(f"allocation:{rule}", _bind(allocation_inputs, rule), _bind(stage_allocation, rule)))
     for kind in damage_kinds(config):

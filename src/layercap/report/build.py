@@ -58,6 +58,7 @@ class RunData:
     ratios: dict[str, Any] = field(default_factory=dict)       # rule -> PruningRatios
     pruned: dict[str, dict] = field(default_factory=dict)      # rule -> pruned/<rule>.json
     damage: dict[str, Any] = field(default_factory=dict)      # kind (obd, damage) -> DamageTable
+    utility: Any = None                                       # UtilityTable (mdl:measured) or None
     evals: dict[str, dict] = field(default_factory=dict)       # variant -> eval/<variant>.json
     stages: dict[str, dict] = field(default_factory=dict)      # stages.json "stages"
     versions: dict[str, str] = field(default_factory=dict)
@@ -88,7 +89,7 @@ def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunD
     for method in config["scoring"]["methods"]:
         run.scores[method] = LayerScores.load(run_dir / "scores" / f"{method}.json")
     for rule in config["allocation"]["rules"]:
-        run.allocations[rule] = Allocation.load(run_dir / "allocation" / f"{rule}.json")
+        run.allocations[rule] = Allocation.load(run_dir / "allocation" / f"{rule_file(rule)}.json")
     for rule in config["pruning"]["rules"]:
         run.ratios[rule] = PruningRatios.load(run_dir / "ratios" / f"{rule_file(rule)}.json")
     for rule in config["pruning"]["apply"]:
@@ -101,6 +102,10 @@ def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunD
     for kind in ("obd", "damage"):
         if f"mdl:{kind}" in config["pruning"]["rules"]:
             run.damage[kind] = DamageTable.load(run_dir / "damage" / f"{kind}.json")
+    if "mdl:measured" in config["allocation"]["rules"]:
+        from layercap.programs.utility import UtilityTable
+
+        run.utility = UtilityTable.load(run_dir / "utility" / "utility.json")
     if (run_dir / "stages.json").is_file():
         run.stages = _json(run_dir / "stages.json").get("stages", {})
     return run
@@ -207,6 +212,13 @@ def report_blocks(run: RunData, title: str) -> list:
             rows.append([rule, f"{a.spent:g}", f"{a.n.min():g}", f"{a.n.max():g}", "n/a" if a.mu is None else fmt_float(a.mu),
                          "yes" if a.binds else "no", "" if a.gap is None else fmt_float(a.gap)])
         blocks.append(Table(["rule", "spent", "min", "max", "mu", "budget binds", "integer gap"], rows))
+        if run.utility is not None:
+            u = run.utility
+            blocks.append(Figure("utility", plot_heatmap(u.values(), u.blocks, [str(n) for n in u.levels],
+                                                         "Measured utility of adapting one block alone", "nats / token"),
+                                 caption=f"`mdl:measured` reads these curves: the held-out NLL reduction when only that block "
+                                         f"is adapted with {u.settings.get('steps')} Adam steps at each number of units "
+                                         "(calibration windows, half adapted on, half measured)."))
 
     # pruning ratios
     if run.ratios:
