@@ -107,7 +107,7 @@ def test_measure_reports_time_and_per_stage_peak_memory():
 
 def test_corrupt_manifest_is_a_clear_error(tmp_path):
     (tmp_path / MANIFEST).write_text("{not json")
-    with pytest.raises(LayercapError, match="delete it"):
+    with pytest.raises(LayercapError, match="(?i)delete it"):
         StageRunner(tmp_path)
     (tmp_path / MANIFEST).write_text('{"schema": "other"}')
     with pytest.raises(LayercapError, match="not a layercap stage manifest"):
