@@ -58,6 +58,11 @@ class CalibrationSet:
         """Windows ``rank::world_size`` (data parallelism: every window goes to exactly one rank)."""
         return CalibrationSet(self.input_ids[rank::world_size], self.sha256, self.source, self.seed, self.bos)
 
+    @classmethod
+    def of_windows(cls, input_ids: torch.Tensor, source: str, seed: int = 0, bos: BosChoice = NO_BOS) -> "CalibrationSet":
+        """A set holding exactly ``input_ids``, its hash computed from them and the BOS choice."""
+        return cls(input_ids, sha256_bytes(input_ids.numpy().tobytes() + bos.hash_tag), str(source), seed, bos)
+
     def subset(self, index) -> "CalibrationSet":
         """Windows ``input_ids[index]`` (a slice or index tensor), same hash, source and BOS choice."""
         return CalibrationSet(self.input_ids[index], self.sha256, self.source, self.seed, self.bos)
@@ -178,7 +183,7 @@ def windows_from_tokens(tokens: torch.Tensor, path, tokenizer, nsamples: int, se
     windows = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
     choice = as_bos_choice(bos, tokenizer, model)
     windows = put_bos(windows, choice)
-    return CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes() + choice.hash_tag), str(path), seed, choice)
+    return CalibrationSet.of_windows(windows, str(path), seed, choice)
 
 
 def split_sets(tokenizer, path: str | Path, nsamples: int, heldout: int, seqlen: int, seed: int = 0, split: float = 0.5,

@@ -63,7 +63,7 @@ class DomainSplit:
         k = min(nsamples, n)
         index = ((torch.arange(k, dtype=torch.float64) + offset) * (n / k)).floor().long().clamp(max=n - 1)
         ids = self.train[index]
-        return CalibrationSet(ids, sha256_bytes(ids.numpy().tobytes() + self.bos.hash_tag), self.source, 0, self.bos)
+        return CalibrationSet.of_windows(ids, self.source, 0, self.bos)
 
     def metadata(self) -> dict:
         return {"source": self.source, "sha256": self.sha256, "seqlen": int(self.train.shape[1]),

@@ -78,7 +78,6 @@ def instruction_calibration(tokenizer, train_path: Path, nsamples: int, seqlen: 
     (position 0 of every window holds the BOS when ``bos.add``, see :func:`layercap.data.bos.put_bos`)."""
     from layercap.data.calibration import CalibrationSet, tokenize_text
     from layercap.data.tasks import load_task
-    from layercap.io import sha256_bytes
 
     pairs = load_task(train_path).training_examples()
     random.Random(seed).shuffle(pairs)
@@ -98,5 +97,5 @@ def instruction_calibration(tokenizer, train_path: Path, nsamples: int, seqlen: 
             raise LayercapError(f"{train_path}: not enough training text for {nsamples} x {seqlen} calibration "
                                 "tokens; lower --calib-nsamples / --calib-seqlen.")
         windows = put_bos(ids[:need].reshape(nsamples, seqlen).clone(), bos)
-        sets.append(CalibrationSet(windows, sha256_bytes(windows.numpy().tobytes() + bos.hash_tag), str(train_path), seed, bos))
+        sets.append(CalibrationSet.of_windows(windows, str(train_path), seed, bos))
     return sets[0], sets[1]

@@ -315,18 +315,13 @@ def _utility(sw: _Sweep, task: str, train: str) -> list[str]:
 
 def _baseline(sw: _Sweep, task: str, train: str, ev: str | None) -> list[str]:
     """The unadapted model on the cells' evaluation data: the scale every reduction is read against."""
-    from layercap.experiments.finetune_job import evaluate_adapter, training_data
-    from layercap.evaluate.perplexity import windows_nll
+    from layercap.experiments.finetune_job import evaluate_adapter, evaluation_data
     from layercap.io import atomic_write_json
 
     o = sw.options
     model, tokenizer = sw.base()
-    _, split, tasks = training_data(model, tokenizer, train, ev, o.finetune)
-    results = evaluate_adapter(model, tokenizer, tasks, o.finetune)
-    head = results.get("instruction") or results.get("zero-shot")
-    if split is not None:
-        results["heldout"] = windows_nll(model, split.heldout, o.finetune.eval_batch_size)
-    nll = results["heldout"]["nll_per_token"] if split is not None else (head or {}).get("nll")
+    split, tasks = evaluation_data(model, tokenizer, train, ev, o.finetune)
+    results, head, nll = evaluate_adapter(model, tokenizer, tasks, o.finetune, split)
     atomic_write_json(sw.out / _baseline_rel(task), {"task": task, "nll": nll, "acc": head["acc"] if head else None,
                                                      "eval": results})
     return [_baseline_rel(task)]
@@ -345,9 +340,9 @@ def _allocate(sw: _Sweep, task: str, adapter: str, spec: RuleSpec, rel: str) -> 
         utility = UtilityTable.load(sw.out / _utility_rel(task))
     scores = (LayerScores.load(sw.out / _score_rel(task, spec.source)) if spec.source and utility is None
               else placeholder_scores(model))
-    alloc = allocation_by_rule(spec.label if utility is not None else spec.rule, scores, o.budget, beta=o.beta,
-                               lower=o.min_units(adapter), integer=True, unit="experts" if adapter == "moe" else "rank",
-                               utility=utility)
+    # mdl with a utility table is the measured program (its allocation is labelled mdl:measured)
+    alloc = allocation_by_rule(spec.rule, scores, o.budget, beta=o.beta, lower=o.min_units(adapter), integer=True,
+                               unit="experts" if adapter == "moe" else "rank", utility=utility)
     check_counts_for(model, {k: int(v) for k, v in alloc.counts().items()}, o.finetune_for(adapter))
     alloc.save(sw.out / rel)
     return [rel]

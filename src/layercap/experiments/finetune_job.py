@@ -135,36 +135,48 @@ def eval_tasks_for(eval_path, options: FinetuneOptions) -> dict[str, Any]:
     return tasks
 
 
+def evaluation_data(model, tokenizer, train_path, eval_path, options: FinetuneOptions):
+    """(the DomainSplit of a text corpus or None, eval tasks by format): what a run is scored on."""
+    from layercap.data.bos import resolve_bos
+    from layercap.data.domain import domain_split, is_text_corpus
+
+    if not is_text_corpus(train_path):
+        return None, eval_tasks_for(eval_path, options)
+    if eval_path is not None:
+        raise LayercapError(f"{train_path} is a text corpus: it is evaluated on its own held-out part (the last "
+                            f"heldout_fraction of its tokens); drop the eval file.")
+    split = domain_split(tokenizer, train_path, options.max_length, options.heldout_fraction,
+                         heldout_windows=options.limit_eval, bos=resolve_bos(options.bos, tokenizer, model))
+    return split, {}
+
+
 def training_data(model, tokenizer, train_path, eval_path, options: FinetuneOptions):
     """(encoded training examples, the DomainSplit of a text corpus or None, eval tasks by format).
 
     Everything is read and checked here, before a run writes anything."""
     from layercap.data.bos import resolve_bos
-    from layercap.data.domain import domain_split, is_text_corpus
     from layercap.data.instruction import encode_example
     from layercap.data.tasks import load_task, subset_indices
 
-    bos = resolve_bos(options.bos, tokenizer, model)
-    if is_text_corpus(train_path):
-        if eval_path is not None:
-            raise LayercapError(f"{train_path} is a text corpus: it is evaluated on its own held-out part (the last "
-                                f"heldout_fraction of its tokens); drop the eval file.")
-        split = domain_split(tokenizer, train_path, options.max_length, options.heldout_fraction,
-                             heldout_windows=options.limit_eval, bos=bos)
+    split, tasks = evaluation_data(model, tokenizer, train_path, eval_path, options)
+    if split is not None:
         examples = split.examples()
-        examples = [examples[i] for i in subset_indices(len(examples), options.limit_train, options.seed)]
-        return examples, split, {}
+        return [examples[i] for i in subset_indices(len(examples), options.limit_train, options.seed)], split, tasks
     train_task = load_task(train_path, limit=options.limit_train, seed=options.seed)
     pairs = train_task.training_examples()
     if not all(p and a for p, a in pairs):
         raise LayercapError(f"{train_path}: some items have no (prompt, answer) form for fine-tuning; use a task file.")
-    examples = [encode_example(tokenizer, p, a, options.max_length, bos) for p, a in pairs]
-    return examples, None, eval_tasks_for(eval_path, options)
+    bos = resolve_bos(options.bos, tokenizer, model)
+    return [encode_example(tokenizer, p, a, options.max_length, bos) for p, a in pairs], None, tasks
 
 
-def evaluate_adapter(model: nn.Module, tokenizer, tasks: dict[str, Any], options: FinetuneOptions) -> dict[str, dict]:
-    """Accuracy per evaluation format (``TaskResult`` dicts)."""
+def evaluate_adapter(model: nn.Module, tokenizer, tasks: dict[str, Any], options: FinetuneOptions,
+                     split=None) -> tuple[dict[str, dict], dict | None, float | None]:
+    """(results, headline task result, nll): accuracy per evaluation format (``TaskResult``
+    dicts) and, for a text corpus (``split``), the held-out NLL (``results["heldout"]``). ``nll``
+    (nats/token): the held-out NLL, else the headline task's answer-token NLL."""
     from layercap.evaluate.multiple_choice import evaluate_task
+    from layercap.evaluate.perplexity import windows_nll
     from layercap.evaluate.shared_prefix import score_shared_prefix
 
     from layercap.data.bos import resolve_bos
@@ -175,7 +187,12 @@ def evaluate_adapter(model: nn.Module, tokenizer, tasks: dict[str, Any], options
         score = score_shared_prefix if fmt == "instruction" else evaluate_task
         results[fmt] = score(model, tokenizer, task, batch_size=options.eval_batch_size, progress=options.progress,
                              bos=bos).to_dict()
-    return results
+    head = results.get("instruction") or results.get("zero-shot")
+    if split is None:
+        return results, head, (head or {}).get("nll")
+    results["heldout"] = {**windows_nll(model, split.heldout, options.eval_batch_size, options.progress),
+                          "data": split.metadata()}
+    return results, head, results["heldout"]["nll_per_token"]
 
 
 def resume_point(outdir: Path, run_config: dict, resume: bool) -> tuple[Path | None, bool]:
@@ -239,20 +256,13 @@ def finetune(
     try:
         atomic_write_json(outdir / RUN_FILE, run_config)
         trained = train_adapter(model, tokenizer, counts, dataset, outdir / CHECKPOINTS, options, resume_from, callbacks)
-        results = evaluate_adapter(trained.model, tokenizer, tasks, options)
-        if split is not None:
-            from layercap.evaluate.perplexity import windows_nll
-
-            results["heldout"] = {**windows_nll(trained.model, split.heldout, options.eval_batch_size,
-                                                options.progress), "data": split.metadata()}
+        results, head, nll = evaluate_adapter(trained.model, tokenizer, tasks, options, split)
     except Exception:
         # a failed first attempt leaves nothing that would block the corrected rerun (an
         # interruption keeps its checkpoints for --resume)
         if created:
             shutil.rmtree(outdir, ignore_errors=True)
         raise
-    head = results.get("instruction") or results.get("zero-shot")
-    nll = results["heldout"]["nll_per_token"] if split is not None else (head or {}).get("nll")
     result = FinetuneResult(
         model_source=model_source(model), adapter=options.adapter, allocation=allocation or {"counts": counts},
         options=run_config["options"], steps=trained.steps, train_examples=trained.train_examples,
