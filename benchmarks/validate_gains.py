@@ -24,7 +24,9 @@ score``). A suffix ``@RHO`` sets that method's relative damping (``kfac:true@10`
 correlation between each method's zeta_k^2 (gradnorm, diag, kfac, ekfac, exact), the calibrated
 variants (diag-tr, kfac-tr, ekfac-tr, exact-tr: zeta^2 at the per-block trust-region lambda) and
 the measured gains (gain = gain-kfac, gain-diag, ...: twice the line-searched decrease of the
-accepted step), and each ground truth, and, for context, the baseline score sources
+accepted step), the measured ``utility`` (twice the loss reduction of ``--utility-steps`` Adam steps of a
+LoRA of ``--utility-units`` units on block k alone, adapted on half the statistics windows and
+measured on the other half), and each ground truth, and, for context, the baseline score sources
 (alpha-hill, owl, influence) against the same ground truths. Statistics windows and held-out
 windows come from disjoint halves of the corpus.
 
@@ -72,6 +74,10 @@ SCHEMA = "layercap.validate_gains/v1"
 CALIBRATED = ("diag-tr", "kfac-tr", "ekfac-tr", "exact-tr", "gain", "gain-diag", "gain-kfac", "gain-ekfac", "gain-exact")
 CURVATURE_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact") + CALIBRATED
 BASELINES = ("alpha-hill", "owl", "influence")
+# the measured utility (layercap.apply.utility): the loss reduction of a short LoRA adaptation of
+# block k alone at --utility-units units, adapted on half the statistics windows and measured on
+# the other half (no held-out token is read)
+MEASURED = ("utility",)
 STEP_METHODS = ("gradnorm", "diag", "kfac", "ekfac", "exact")
 # methods whose curvature depends on the Fisher flavour
 FISHER_AWARE = ("diag", "kfac", "ekfac", "diag-tr", "kfac-tr", "ekfac-tr", "gain", "gain-diag", "gain-kfac", "gain-ekfac")
@@ -326,6 +332,10 @@ class Progress:
         scoring, Newton steps and the optimiser budget were run as parallel processes."""
         for path in paths:
             other = json.loads(Path(path).read_text())
+            if other.get("schema") == SCHEMA:  # a finished record: its settings hold the key
+                other = {"key": {k: other["settings"].get(k) for k in self.key}, "scores": other["scores"],
+                         "newton": other["newton"], "optimiser": other["optimiser"], "wall_time_s": other["wall_time_s"],
+                         "score_info": other.get("score_info", {})}
             if not same_data(other.get("key", {}), self.key):
                 raise LayercapError(f"{path} was made with other data or settings; cannot merge it.")
             if _optim_key(other["key"]) != _optim_key(self.key):
@@ -382,9 +392,27 @@ def run(args) -> GainsValidation:
     # a gain's trust region is the <base>-tr search itself: score gains first and take <base>-tr from them
     for spec in sorted(args.methods, key=lambda m: not parse_spec(m, args.fisher)[0].startswith("gain")):
         method = parse_spec(spec, args.fisher)[0]
+        if method == "utility" and spec in scores and state["score_info"].get(spec, {}).get("units") != args.utility_units:
+            scores.pop(spec)  # measured at another level: measure again
         if spec in scores or args.no_compute or (method == "exact" and "exact" in args.newton):
             continue  # (exact with its Newton step: scored once, in the Newton phase below)
         t = time.perf_counter()
+        if method == "utility":
+            from layercap.apply.utility import measure_utility
+
+            print(f"measuring utility at {args.utility_units} units ...", file=sys.stderr, flush=True)
+            half = stats_set.input_ids.shape[0] // 2  # adapt on half the statistics windows, measure on the other half
+            adapt, measure = (CalibrationSet.of_windows(ids, stats_set.source, stats_set.seed)
+                              for ids in (stats_set.input_ids[:half], stats_set.input_ids[half:]))
+            table = measure_utility(model, adapt, measure, [0, args.utility_units], steps=args.utility_steps,
+                                    lr=args.utility_lr, batch_size=args.batch_size, seed=args.seed, progress=True)
+            scores[spec] = [2.0 * float(row[-1]) for row in table.reduction]  # on zeta^2's scale: score / 2 = nats removed
+            state["score_info"][spec] = {"cost": table.cost, "units": args.utility_units, "steps": args.utility_steps,
+                                         "lr": args.utility_lr}
+            timings[f"score:{spec}"] = time.perf_counter() - t
+            state["wall_time_s"] = timings
+            progress.save()
+            continue
         opts = options_for(spec)
         calib = exact_calib if method in EXACT_LIKE else stats_set
         if method == "influence":
@@ -487,6 +515,8 @@ def calibration_table(result: GainsValidation, low: float = 0.25, high: float = 
              "sum predicted / sum measured (nats/token) | forward passes | wall s |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for m, info in result.score_info.items():
+        if "tr_ratio" not in info:
+            continue  # the measured utility has no trust region
         r = np.asarray(info["tr_ratio"], float)
         grow = np.asarray(info["damping_lambda"], float) / np.maximum(np.asarray(info["initial_lambda"], float), 1e-300)
         measured = info.get("gain_decrease", info["measured_decrease"])
@@ -521,6 +551,9 @@ def parse(argv=None):
     p.add_argument("--influence-aggregate", default="all")
     p.add_argument("--tr-max-evals", type=int, default=6, help="calibrated methods: trust-region forward passes per block")
     p.add_argument("--tr-factor", type=float, default=30.0, help="calibrated methods: lambda grows / shrinks by this factor")
+    p.add_argument("--utility-units", type=int, default=2, help="utility: LoRA units (rank 4 each) of the adaptation")
+    p.add_argument("--utility-steps", type=int, default=5, help="utility: Adam steps of the adaptation")
+    p.add_argument("--utility-lr", type=float, default=1e-3, help="utility: learning rate of the adaptation")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimiser", choices=("adam", "sgd"), default="adam")
@@ -535,7 +568,7 @@ def parse(argv=None):
     args.methods = [m for m in args.methods.split(",") if m]
     args.newton = [m for m in args.newton.split(",") if m]
     try:
-        unknown = [m for m in args.methods if parse_spec(m, args.fisher)[0] not in CURVATURE_METHODS + BASELINES]
+        unknown = [m for m in args.methods if parse_spec(m, args.fisher)[0] not in CURVATURE_METHODS + BASELINES + MEASURED]
         unknown += [m for m in args.newton if parse_spec(m, args.fisher)[0] not in STEP_METHODS]
     except LayercapError as exc:
         p.error(str(exc))
@@ -558,7 +591,7 @@ def main(argv=None) -> int:
           f"held-out {result.base_loss['heldout']:.4f} nats/token")
     print("\nSpearman rho of each score with the measured loss reduction:\n")
     print(table(result))
-    if result.score_info:
+    if any("tr_ratio" in info for info in result.score_info.values()):
         print("\nTrust region of the calibrated methods (r = measured decrease / (zeta^2/2) at the accepted lambda; "
               "the gain columns use the line-searched decrease):\n")
         print(calibration_table(result))

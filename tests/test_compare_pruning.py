@@ -186,7 +186,7 @@ def test_measured_rules_on_the_same_budget(setup):
     rules = ["uniform", "mdl:damage", "mdl:obd", "atp", "evopress", "mdl-paper:diag"]
     opts = {k: v for k, v in kw.items() if k != "log"}
     res, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], damage_levels=[0.25, 0.5, 0.75],
-                                                         search_generations=2, **opts), tmp / "measured")
+                                                         search_generations=2, damage_nsamples=3, **opts), tmp / "measured")
     assert "damage:wanda" in summary.ran and "obd:wanda" in summary.ran and "scores:diag" in summary.ran
     assert [c.label for c in res.cells] == ["uniform", "mdl:damage", "mdl:obd", "atp", "evopress", "mdl-paper:diag"]
     from layercap.models import find_blocks, load_model
@@ -198,5 +198,34 @@ def test_measured_rules_on_the_same_budget(setup):
         assert abs(float(N @ rho / N.sum()) - 0.5) < 1e-6, c.label
         assert c.decision_seconds is not None and c.decision_seconds >= 0
     assert (tmp / "measured" / "damage" / "wanda.json").is_file()
+    assert not list((tmp / "measured").rglob("*.partial"))  # finished tables replace their checkpoints
+    table = json.loads((tmp / "measured" / "damage" / "wanda.json").read_text())
+    assert table["calibration"]["nsamples"] == 3  # the measured decisions read the first damage_nsamples windows
     md = (tmp / "measured" / "comparison.md").read_text()
     assert "| mdl:obd | wanda | 0.5 |" in md and "decision (s)" in md
+
+
+def test_standings_by_hand():
+    from layercap.evaluate import EvalResult
+    from layercap.evaluate.perplexity import PerplexityResult
+    from layercap.report.pruning_table import CellResult, Comparison
+
+    def ev(**ppl):
+        return EvalResult("m", {k: PerplexityResult(v, 0.0, 1, 1, 8, 8, k, "x") for k, v in ppl.items()})
+
+    def cell(rule, source, a, b, method="wanda", s=0.7):
+        return CellResult(rule, source, method, s, s, {}, ev(a=a, b=b))
+
+    cells = [cell("uniform", None, 100.0, 50.0), cell("owl", "owl", 80.0, 40.0), cell("atp", "measured", 60.0, 45.0),
+             cell("mdl", "obd", 45.0, 40.3), cell("mdl", "damage", 50.0, 60.0), cell("mdl-paper", "kfac", 300.0, 90.0),
+             cell("uniform", None, 10.0, 10.0, s=0.5), cell("mdl", "obd", 12.0, 9.0, s=0.5), cell("owl", "owl", 11.0, 11.0, s=0.5)]
+    rows = {(r["sparsity"], r["text"]): r for r in Comparison({}, ev(a=1.0, b=1.0), cells).standings()}
+    a, b = rows[(0.7, "a")], rows[(0.7, "b")]
+    assert (a["best_layercap"], a["best_peer"], a["verdict"]) == ("mdl:obd", "atp", "wins")
+    assert a["vs_uniform"] == pytest.approx(0.45) and a["beats_uniform"]
+    assert (b["best_layercap"], b["best_peer"], b["verdict"]) == ("mdl:obd", "owl", "ties")  # 40.3 / 40 within 1 %
+    low_a, low_b = rows[(0.5, "a")], rows[(0.5, "b")]
+    assert low_a["verdict"] == "loses" and low_a["beats_uniform"] is False
+    assert low_b["verdict"] == "wins" and low_b["vs_uniform"] == pytest.approx(0.9)
+    md = Comparison({}, ev(a=1.0, b=1.0), cells).standings_markdown()
+    assert md.count("\n| wanda |") == 4 and "| ties |" in md

@@ -255,3 +255,26 @@ def test_resume_skips_a_truncated_checkpoint(tmp_path):
     newest = tmp_path / "checkpoint-4" / "adapter.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])  # killed mid-write
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+
+
+def _train_order(tmp_path, **kw) -> list[list[int]]:
+    """The example indices of the first batches the Trainer would feed, for these options."""
+    import torch.nn as nn
+
+    from layercap.apply.finetune.trainer import make_trainer_class, training_args
+
+    options = _opts(**kw)
+    torch.manual_seed(options.seed)  # as train_adapter does before injecting the adapter
+    data = [{"input_ids": [i + 1, 1], "labels": [i + 1, 1]} for i in range(24)]
+    trainer = make_trainer_class()(model=nn.Linear(1, 1), args=training_args(tmp_path / f"ck{kw}", options, 6),
+                                   train_dataset=data, data_collator=Collator(0), moe_config=None)
+    return [(batch["input_ids"][:, 0] - 1).tolist() for batch in trainer.get_train_dataloader()][:6]
+
+
+def test_data_seed_fixes_the_order_across_seeds(tmp_path):
+    fixed = [_train_order(tmp_path, seed=s, data_seed=7) for s in (0, 1)]
+    free = [_train_order(tmp_path, seed=s) for s in (0, 1)]
+    assert fixed[0] == fixed[1]
+    assert free[0] != free[1]
+    assert sorted(sum(fixed[0][:6], [])) == list(range(24))  # a permutation: 6 batches of 4 = one epoch
+    assert FinetuneOptions(seed=3).order_seed == 3 and FinetuneOptions(seed=3, data_seed=5).order_seed == 5

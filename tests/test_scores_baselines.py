@@ -379,3 +379,28 @@ def test_validate_gains_newton_steps_solve_the_damped_systems():
     after_held = vg.measure_step(model, grp, steps["diag"]["steps"][0], [held], 2, "cpu", scale=ls["ls_scale"])[0]
     assert ls["ls_heldout"] == pytest.approx(bases[1] - after_held)
     assert torch.equal(w, before)
+
+
+def test_validate_gains_utility_merges_a_finished_record(tmp_path):
+    """The measured utility is scored from the statistics windows alone (half adapted on, half
+    measured), and a finished record's ground truth is merged instead of recomputed."""
+    from layercap.apply.utility import measure_utility
+    from layercap.data.calibration import CalibrationSet
+    from layercap.models import load_model
+
+    vg = _validate_gains_module()
+    common = ["--model", "tiny-llama", "--nsamples", "4", "--seqlen", "24", "--newton", "", "--steps", "2",
+              "--utility-units", "1", "--utility-steps", "2"]
+    first = tmp_path / "first.json"
+    assert vg.main(common + ["--methods", "gradnorm", "--out", str(first)]) == 0
+    second = tmp_path / "second.json"
+    assert vg.main(common + ["--methods", "utility", "--merge", str(first), "--out", str(second)]) == 0
+    a, b = vg.GainsValidation.load(first), vg.GainsValidation.load(second)
+    assert b.optimiser == a.optimiser and b.scores["gradnorm"] == a.scores["gradnorm"]  # merged, not recomputed
+    assert "optimiser" not in b.wall_time_s  # the Adam budget was not run again
+    model, tok = load_model("tiny-llama")
+    stats, _ = vg.disjoint_windows(tok, vg.parse([]).data, 4, 24, 0)
+    adapt, measure = (CalibrationSet.of_windows(ids, stats.source, stats.seed) for ids in (stats.input_ids[:2], stats.input_ids[2:]))
+    table = measure_utility(model, adapt, measure, [0, 1], steps=2, lr=1e-3, batch_size=8, seed=0, progress=False)
+    np.testing.assert_allclose(b.scores["utility"], [2 * row[-1] for row in table.reduction], rtol=1e-5, atol=1e-9)
+    assert set(b.spearman["utility"]) == {"optim_stats", "optim_heldout"}

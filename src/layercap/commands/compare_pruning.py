@@ -37,7 +37,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--damage-levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                    metavar="RHO", help="ratios at which mdl:damage / mdl:obd measure each block (default 0.1 .. 0.9)")
     p.add_argument("--damage-nsamples", type=int, default=None, metavar="N",
-                   help="calibration windows the damage curves are measured on (default all --nsamples)")
+                   help="calibration windows KL is measured on by mdl:damage's curves and the atp / evopress searches "
+                   "(the first N; default all --nsamples; the pruners always use all)")
     p.add_argument("--search-generations", type=int, default=20, metavar="G", help="evopress generations (default 20)")
     p.add_argument("--data", metavar="PATH", help="calibration text (file or directory), shared by scores and pruners (required)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -78,8 +79,12 @@ def main(args) -> int:
 
     sources = {r.partition(":")[2] for r in args.rules}
     if not sources & {"damage", "obd"}:
-        refuse_ignored(args, {"damage_levels": "--damage-levels", "damage_nsamples": "--damage-nsamples"},
-                       "without an mdl:damage or mdl:obd rule (damage-curve options)", "drop them or add such a rule")
+        refuse_ignored(args, {"damage_levels": "--damage-levels"},
+                       "without an mdl:damage or mdl:obd rule (a damage-curve option)", "drop it or add such a rule")
+    if not sources & {"damage", "obd"} and not {"atp", "evopress"} & set(args.rules):
+        refuse_ignored(args, {"damage_nsamples": "--damage-nsamples"},
+                       "without an mdl:damage, mdl:obd, atp or evopress rule (the windows KL is measured on)",
+                       "drop it or add such a rule")
     if "evopress" not in args.rules:
         refuse_ignored(args, {"search_generations": "--search-generations"}, "without the evopress rule",
                        "drop it or add --rules evopress")

@@ -161,8 +161,8 @@ def training_data(model, tokenizer, train_path, eval_path, options: FinetuneOpti
     split, tasks = evaluation_data(model, tokenizer, train_path, eval_path, options)
     if split is not None:
         examples = split.examples()
-        return [examples[i] for i in subset_indices(len(examples), options.limit_train, options.seed)], split, tasks
-    train_task = load_task(train_path, limit=options.limit_train, seed=options.seed)
+        return [examples[i] for i in subset_indices(len(examples), options.limit_train, options.order_seed)], split, tasks
+    train_task = load_task(train_path, limit=options.limit_train, seed=options.order_seed)
     pairs = train_task.training_examples()
     if not all(p and a for p, a in pairs):
         raise LayercapError(f"{train_path}: some items have no (prompt, answer) form for fine-tuning; use a task file.")

@@ -200,6 +200,7 @@ def plan(sw: _Sweep) -> list[Stage]:
                 ups = ["cells/dense.json"] + _source_files(spec, method)
                 if spec.source == MEASURED:
                     key["search"] = {"generations": o.search_generations} if spec.rule == "evopress" else {}
+                    key["search"]["nsamples"] = o.damage_nsamples
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
                                     lambda ctx, sp=spec, m=method, s=sparsity: _cell(ctx, sp, m, s)))
     return stages
@@ -218,23 +219,32 @@ def _damage_rel(kind: str, method: str) -> str:
     return f"damage/{method}.json" if kind == "damage" else f"damage/obd-{method}.json"
 
 
+def _measure_calib(sw: _Sweep):
+    """The calibration windows KL is measured on (damage curves, atp's step, evopress's fitness):
+    the first ``damage_nsamples`` windows, or all of them. The pruners always see all windows."""
+    from layercap.data.calibration import CalibrationSet
+
+    n, calib = sw.options.damage_nsamples, sw.calib
+    if n is None:
+        return calib
+    return CalibrationSet(calib.input_ids[:n], calib.sha256 + f"[:{n}]", calib.source, calib.seed, calib.bos)
+
+
 def _damage(sw: _Sweep, kind: str, method: str) -> list[str]:
     """The damage table of ``method`` pruning: measured KL per (block, level), or OBD estimates only."""
     from layercap.apply.prune.damage import damage_table
-    from layercap.data.calibration import CalibrationSet
 
     o = sw.options
-    calib = sw.calib
-    if o.damage_nsamples is not None:
-        calib = CalibrationSet(calib.input_ids[: o.damage_nsamples], calib.sha256 + f"[:{o.damage_nsamples}]", calib.source,
-                               calib.seed, calib.bos)
+    calib = _measure_calib(sw)
     rel = _damage_rel(kind, method)
     path = sw.out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    partial = path.with_name(path.name + ".partial")
     table = damage_table(sw.model, calib, kind, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
-                         checkpoint=str(path) + ".partial", model_id=str(o.model))
+                         checkpoint=partial, model_id=str(o.model))
     table.save(path)
+    partial.unlink(missing_ok=True)  # the finished table replaces it
     sw.log(f"{kind}:{method}: {time.perf_counter() - t0:.1f} s")
     return [rel]
 
@@ -280,11 +290,11 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
     if spec.source == MEASURED:
         from layercap.apply.prune.search import KLFitness, atp_search, evolve_ratios
 
-        model = copy.deepcopy(sw.model)
+        model, calib = copy.deepcopy(sw.model), _measure_calib(sw)
         if spec.rule == "atp":
-            with KLFitness(model, sw.calib, method, batch_size=o.batch_size) as fit:
+            with KLFitness(model, calib, method, batch_size=o.batch_size) as fit:
                 return atp_search(fit, names, params, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
-        return evolve_ratios(model, sw.calib, PruningRatios.uniform(names, params, sparsity), method=method,
+        return evolve_ratios(model, calib, PruningRatios.uniform(names, params, sparsity), method=method,
                              min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
                              progress=o.progress, batch_size=o.batch_size)
     scores = prunable_scores(LayerScores.load(sw.out / f"scores/{spec.source}.json"), dict(zip(names, params)))

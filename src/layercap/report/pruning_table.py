@@ -19,6 +19,10 @@ SCHEMA = "layercap.comparison/v1"
 CELL_SCHEMA = "layercap.comparison_cell/v1"
 # table order of the rules (others after these, by name)
 RULE_ORDER = {"uniform": 0, "owl": 1, "alphapruning": 2, "layerif": 3, "mdl": 4}
+# the standings compare layercap's own rules (the MDL program on any source, the paper's protocol)
+# with every other rule but uniform (the peers); perplexities within TIE of each other tie
+LAYERCAP_RULES = ("mdl", "mdl-paper")
+TIE = 0.01
 
 
 def cell_id(rule: RuleSpec, method: str, sparsity: float) -> str:
@@ -91,6 +95,7 @@ class Comparison:
             "settings": dict(self.settings),
             "dense": self.dense.to_dict(),
             "cells": [c.to_dict() for c in self.cells],
+            "standings": self.standings(),
         }
 
     @classmethod
@@ -128,6 +133,48 @@ class Comparison:
         out = [row("dense", "-", 0.0, 0.0, self.dense)]
         out += [row(c.label, c.method, c.sparsity, c.achieved, c.eval, c.decision_seconds) for c in self.cells]
         return out
+
+    def standings(self) -> list[dict]:
+        """Per (pruner, sparsity) and perplexity text: the best layercap rule, the best peer and
+        uniform, with ``vs_uniform`` (best layercap / uniform) and ``verdict``: ``wins`` (lower than
+        the best peer by more than TIE), ``ties`` (within TIE) or ``loses``; ``beats_uniform``:
+        best layercap <= uniform x (1 + TIE). Only blocks that hold at least one of each."""
+        out = []
+        groups: dict[tuple[str, float], list[CellResult]] = {}
+        for c in self.cells:
+            groups.setdefault((c.method, c.sparsity), []).append(c)
+        for (method, s), cells in groups.items():
+            for text in self.columns()[0]:
+                scored = [(c.eval.ppl[text].ppl, c.label, c.rule) for c in cells if text in c.eval.ppl]
+                ours = min((t for t in scored if t[2] in LAYERCAP_RULES), default=None)
+                peer = min((t for t in scored if t[2] not in LAYERCAP_RULES and t[2] != "uniform"), default=None)
+                uniform = min((t for t in scored if t[2] == "uniform"), default=None)
+                if ours is None or peer is None:
+                    continue
+                rel = ours[0] / peer[0]
+                verdict = "wins" if rel < 1.0 - TIE else ("ties" if rel <= 1.0 + TIE else "loses")
+                row = {"method": method, "sparsity": s, "text": text, "best_layercap": ours[1], "layercap_ppl": ours[0],
+                       "best_peer": peer[1], "peer_ppl": peer[0], "vs_peer": rel, "verdict": verdict,
+                       "uniform_ppl": None, "vs_uniform": None, "beats_uniform": None}
+                if uniform is not None:
+                    row.update(uniform_ppl=uniform[0], vs_uniform=ours[0] / uniform[0],
+                               beats_uniform=bool(ours[0] <= uniform[0] * (1.0 + TIE)))
+                out.append(row)
+        return out
+
+    def standings_markdown(self) -> str:
+        rows = self.standings()
+        if not rows:
+            return ""
+        lines = [f"Best layercap rule ({', '.join(LAYERCAP_RULES)}) against the best peer (every other rule but uniform) "
+                 f"and uniform, perplexity; ties within {TIE:.0%}:", "",
+                 "| pruner | sparsity | text | best layercap | ppl | best peer | ppl | vs peer | verdict | vs uniform |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            vs_u = "n/a" if r["vs_uniform"] is None else f"{r['vs_uniform']:.3f}x"
+            lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['text']} | {r['best_layercap']} | {r['layercap_ppl']:.2f} | "
+                         f"{r['best_peer']} | {r['peer_ppl']:.2f} | {r['vs_peer']:.3f}x | {r['verdict']} | {vs_u} |")
+        return "\n".join(lines) + "\n"
 
     def write_csv(self, path: str | Path) -> Path:
         rows = self.rows()
@@ -178,5 +225,6 @@ def write_outputs(result: Comparison, outdir: str | Path) -> None:
     outdir = Path(outdir)
     result.save(outdir / "comparison.json")
     result.write_csv(outdir / "comparison.csv")
-    atomic_write_text(outdir / "comparison.md", result.markdown())
+    standings = result.standings_markdown()
+    atomic_write_text(outdir / "comparison.md", result.markdown() + ("\n" + standings if standings else ""))
     plot_comparison(result, outdir / "comparison.png")

@@ -37,6 +37,8 @@ class FinetuneOptions:
     batch_size: int = _opt(8, "training batch size")
     max_length: int = _opt(256, "max tokens per training example")
     seed: int = _opt(0, "seed of adapter init and data order", cli=False)
+    data_seed: int | None = _opt(None, "seed of the training data order and the --limit-train subset (default: the run's "
+                                 "seed); fixed, the seeds of a comparison vary only the adapter init")
     limit_train: int | None = _opt(None, "train on a seeded random subset of N examples (text: N windows)")
     limit_eval: int | None = _opt(None, "evaluate on a fixed random subset of N items (seed 0); text: the first N held-out windows")
     heldout_fraction: float = _opt(0.1, "text training files (.txt/.raw): the last share of the text's tokens held out for NLL")
@@ -49,6 +51,11 @@ class FinetuneOptions:
     warmup_ratio: float = _opt(0.0, "share of the steps with linear warm-up", cli=False)
     weight_decay: float = _opt(0.0, "AdamW weight decay", cli=False)
     progress: bool = _opt(True, "progress bars", cli=False)
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order: ``data_seed``, or ``seed`` when it is not fixed."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
         from layercap.apply.finetune.adapters import ADAPTERS
@@ -79,6 +86,7 @@ class FinetuneOptions:
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
             (self.max_steps > 0 or self.epochs > 0, "give epochs > 0 or max_steps > 0"),
             (self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
+            (self.data_seed is None or self.data_seed >= 0, f"data_seed must be >= 0, got {self.data_seed}"),
             (self.limit_train is None or self.limit_train >= 1, f"limit_train must be >= 1, got {self.limit_train}"),
             (self.limit_eval is None or self.limit_eval >= 1, f"limit_eval must be >= 1, got {self.limit_eval}"),
             (self.save_steps is None or self.save_steps >= 1, f"save_steps must be >= 1, got {self.save_steps}"),

@@ -168,7 +168,7 @@ def training_args(checkpoints: Path, options: FinetuneOptions, steps: int):
         save_total_limit=2,
         report_to="none",
         seed=options.seed,
-        data_seed=options.seed,
+        data_seed=options.order_seed,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=not options.progress,
