@@ -401,9 +401,7 @@ def run(args) -> GainsValidation:
             from layercap.apply.utility import measure_utility
 
             print(f"measuring utility at {args.utility_units} units ...", file=sys.stderr, flush=True)
-            half = stats_set.input_ids.shape[0] // 2  # adapt on half the statistics windows, measure on the other half
-            adapt, measure = (CalibrationSet.of_windows(ids, stats_set.source, stats_set.seed)
-                              for ids in (stats_set.input_ids[:half], stats_set.input_ids[half:]))
+            adapt, measure = stats_set.halves()  # adapt on half the statistics windows, measure on the other half
             table = measure_utility(model, adapt, measure, [0, args.utility_units], steps=args.utility_steps,
                                     lr=args.utility_lr, batch_size=args.batch_size, seed=args.seed, progress=True)
             scores[spec] = [2.0 * float(row[-1]) for row in table.reduction]  # on zeta^2's scale: score / 2 = nats removed

@@ -189,7 +189,7 @@ def test_bad_allocations_raise_and_leave_model_untouched():
     reference = copy.deepcopy(model.state_dict())
     bad = [
         ({**COUNTS, "model.layers.9": 1}, ("q_proj",), "lacks"),
-        ({**COUNTS, "model.layers.2": 0}, ("q_proj",), "at least 1"),
+        ({k: 0 for k in COUNTS}, ("q_proj",), "nothing to adapt"),
         ({k: v for k, v in COUNTS.items() if k != "model.layers.3"}, ("q_proj",), "no count"),
         (COUNTS, ("q_proj", "wq"), "wq"),
         ({**COUNTS, "model.layers.1": 1.5}, ("q_proj",), "integers"),
@@ -253,3 +253,16 @@ def test_smollm2_allocation_injects_and_round_trips(smollm2, tmp_path):
     load_lora_moe(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, after)
+
+
+def test_a_block_with_zero_experts_keeps_its_linears_and_output():
+    """0 experts = no adapter on that block (as PEFT rank 0): its Linears stay plain, the read-back says 0."""
+    counts = {**COUNTS, "model.layers.2": 0}
+    model, _, config = _wrapped(counts)
+    assert expert_counts(model) == counts
+    assert not any(".layers.2." in name for name in lora_moe_modules(model))
+    assert len(lora_moe_modules(model)) == 3 * 3 and config.counts == counts
+    plain, _ = build_tiny("llama")
+    ids = torch.randint(0, plain.config.vocab_size, (2, 8))
+    # B starts at 0, so the whole wrapped model still equals the base model
+    assert torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-6)

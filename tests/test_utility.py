@@ -146,3 +146,15 @@ def test_only_some_blocks_keeps_the_whole_chain(tiny):
     assert not part.complete and part.reduction[0][1] is None and part.reduction[2][1] is None
     assert part.reduction[1][1] == pytest.approx(full.reduction[1][1], rel=1e-12)
     assert part.base_nll == pytest.approx(full.base_nll, rel=1e-12)
+
+
+def test_halves_split_the_windows_with_their_own_hashes():
+    from layercap.data.bos import NO_BOS
+
+    ids = torch.arange(5 * 4).reshape(5, 4)
+    calib = CalibrationSet.of_windows(ids, "text.txt", 3, NO_BOS)
+    first, second = calib.halves()
+    assert torch.equal(first.input_ids, ids[:2]) and torch.equal(second.input_ids, ids[2:])
+    assert len({calib.sha256, first.sha256, second.sha256}) == 3
+    assert first.sha256 == CalibrationSet.of_windows(ids[:2], "text.txt", 3, NO_BOS).sha256
+    assert (first.source, first.seed, second.seed) == ("text.txt", 3, 3)

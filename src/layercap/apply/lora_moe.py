@@ -123,8 +123,8 @@ def check_counts(model_blocks: list[str], counts: dict[str, int], *, minimum: in
         n = int(n)
         if n < minimum:
             raise LayercapError(
-                f"allocation gives {name} {n} unit(s) but this adapter needs at least {minimum} per block "
-                "(LoRA-MoE: at least one expert). Re-allocate with lower bound >= 1, or use --adapter lora."
+                f"allocation gives {name} {n} unit(s) but this adapter needs at least {minimum} per block; "
+                f"re-allocate with lower bound >= {minimum}."
             )
         out[name] = n
     return out
@@ -330,8 +330,8 @@ class LoraMoEConfig:
 def apply_lora_moe(model: nn.Module, config: LoraMoEConfig) -> dict[str, LoraMoELinear]:
     """Wrap ``model``'s target Linears in place, freeze everything else; return name -> wrapper.
 
-    Validates first (unknown layers, missing counts, zero experts, unknown targets) so a bad
-    allocation leaves the model untouched. Sets ``config.modules`` and ``config.model_source``.
+    Validates first (unknown layers, missing counts, all-zero counts, unknown targets) so a bad
+    allocation leaves the model untouched. A block with 0 experts keeps its Linears unwrapped. Sets ``config.modules`` and ``config.model_source``.
     """
     if lora_moe_modules(model):
         raise LayercapError("model already has LoRA-MoE adapters; load a fresh base model.")
@@ -341,12 +341,18 @@ def apply_lora_moe(model: nn.Module, config: LoraMoEConfig) -> dict[str, LoraMoE
             f"top_k {config.top_k}, alpha {config.alpha}, aux_coef {config.aux_coef})."
         )
     per_block = resolve_targets(model, config.targets)
-    counts = check_counts(list(per_block), config.counts, minimum=1)
+    # 0 experts leaves a block without an adapter, as PEFT LoRA's rank 0 does: a control that puts
+    # the whole budget in a few blocks needs it, and the MoLA floor of 1 stays the default lower bound.
+    counts = check_counts(list(per_block), config.counts, minimum=0)
+    if not any(counts.values()):
+        raise LayercapError("the allocation gives every block 0 experts; there is nothing to adapt.")
     for p in model.parameters():
         p.requires_grad_(False)
     parents = dict(model.named_modules())
     wrapped = {}
     for block_name, modules in per_block.items():
+        if counts[block_name] == 0:
+            continue
         for full, module in modules.items():
             parent_name, _, child = full.rpartition(".")
             wrapper = LoraMoELinear(module, counts[block_name], config.rank, config.alpha, config.top_k, config.kernel)
@@ -359,16 +365,15 @@ def apply_lora_moe(model: nn.Module, config: LoraMoEConfig) -> dict[str, LoraMoE
 
 
 def expert_counts(model: nn.Module) -> dict[str, int]:
-    """Block name -> number of experts, read back from the wrapped modules (all modules of a block agree)."""
-    blocks = find_blocks(model)
+    """Block name -> number of experts, read back from the wrapped modules (all modules of a block
+    agree; a block without wrappers has 0). Empty for a model without LoRA-MoE adapters."""
     out = {}
-    for b in blocks:
+    for b in find_blocks(model):
         ns = {m.num_experts for m in b.module.modules() if isinstance(m, LoraMoELinear)}
         if len(ns) > 1:
             raise LayercapError(f"block {b.name} has modules with different expert counts {sorted(ns)}.")
-        if ns:
-            out[b.name] = ns.pop()
-    return out
+        out[b.name] = ns.pop() if ns else 0
+    return out if any(out.values()) else {}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

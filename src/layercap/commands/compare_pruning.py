@@ -77,11 +77,11 @@ def main(args) -> int:
         return 0
     from layercap.commands._options import refuse_ignored
 
-    sources = {r.partition(":")[2] for r in args.rules}
-    if not sources & {"damage", "obd"}:
+    measures_damage = bool({r.partition(":")[2] for r in args.rules} & {"damage", "obd"})
+    if not measures_damage:
         refuse_ignored(args, {"damage_levels": "--damage-levels"},
                        "without an mdl:damage or mdl:obd rule (a damage-curve option)", "drop it or add such a rule")
-    if not sources & {"damage", "obd"} and not {"atp", "evopress"} & set(args.rules):
+    if not measures_damage and not {"atp", "evopress"} & set(args.rules):
         refuse_ignored(args, {"damage_nsamples": "--damage-nsamples"},
                        "without an mdl:damage, mdl:obd, atp or evopress rule (the windows KL is measured on)",
                        "drop it or add such a rule")

@@ -63,6 +63,13 @@ class CalibrationSet:
         """A set holding exactly ``input_ids``, its hash computed from them and the BOS choice."""
         return cls(input_ids, sha256_bytes(input_ids.numpy().tobytes() + bos.hash_tag), str(source), seed, bos)
 
+    def halves(self) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """The first ``n // 2`` windows and the rest, each a set with its own hash (fit on one half,
+        measure on the other, so the measurement reads no window the fit did)."""
+        half = self.input_ids.shape[0] // 2
+        return tuple(CalibrationSet.of_windows(ids, self.source, self.seed, self.bos)
+                     for ids in (self.input_ids[:half], self.input_ids[half:]))
+
     def subset(self, index) -> "CalibrationSet":
         """Windows ``input_ids[index]`` (a slice or index tensor), same hash, source and BOS choice."""
         return CalibrationSet(self.input_ids[index], self.sha256, self.source, self.seed, self.bos)

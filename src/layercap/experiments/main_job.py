@@ -270,15 +270,13 @@ def stage_utility(ctx: RunContext) -> list[str]:
     first half of the calibration windows, the NLL reduction measured on the second half (both
     from the calibration tokens, so never the evaluation text)."""
     from layercap.apply.utility import measure_utility
-    from layercap.data.calibration import CalibrationSet
 
     a = ctx.config.allocation
     calib = load_calibration(ctx)
     n = calib.input_ids.shape[0]
     if n < 2:
         raise LayercapError(f"mdl:measured needs data.nsamples >= 2 (half to adapt on, half to measure), got {n}.")
-    halves = [CalibrationSet.of_windows(ids, calib.source, calib.seed, calib.bos)
-              for ids in (calib.input_ids[: n // 2], calib.input_ids[n // 2:])]
+    halves = calib.halves()
     model, _ = load_run_model(ctx, with_tokenizer=False)
     ctx.path("utility").mkdir(parents=True, exist_ok=True)
     table = measure_utility(model, halves[0], halves[1], a.utility_levels, steps=a.utility_steps, lr=a.utility_lr,

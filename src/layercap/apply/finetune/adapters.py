@@ -80,7 +80,7 @@ def _save_peft(train_model: nn.Module, moe_config, directory: Path) -> Path:
     return directory
 
 
-register_adapter("moe", _attach_moe, _save_moe, minimum=1, description="LoRA-MoE: n_k experts per adapted Linear")
+register_adapter("moe", _attach_moe, _save_moe, minimum=0, description="LoRA-MoE: n_k experts per adapted Linear")
 register_adapter("lora", _attach_lora, _save_peft, minimum=0, description="PEFT LoRA: rank rank*n_k")
 
 
