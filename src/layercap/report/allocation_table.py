@@ -115,7 +115,8 @@ def write_outputs(c: AllocationComparison, out: Path) -> None:
     header = ["task", "adapter", "rule", "n_seeds", "nll_mean", "nll_std", "acc_mean", "acc_std", "acc_norm_mean",
               "acc_norm_std", "final_loss_mean", "final_loss_std"]
     atomic_write_csv(out / "comparison.csv", header, [[r.get(h, "") for h in header] for r in c.summary])
-    md = [f"# Allocation comparison on {c.model}", "",
+    # The title names the model file, not the machine-specific path it was read from (kept in the JSON).
+    md = [f"# Allocation comparison on {Path(c.model).name or c.model}", "",
           f"Budget {c.budget:g} units, seeds {c.seeds}, adapters {', '.join(c.adapters) or c.options.get('adapter')} "
           f"(rank {c.options.get('rank')}, top-k {c.options.get('top_k')}), max steps {c.options.get('max_steps')}, "
           f"batch {c.options.get('batch_size')}, lr {c.options.get('lr')}, max length {c.options.get('max_length')}, "
