@@ -205,6 +205,29 @@ def test_measured_rules_on_the_same_budget(setup):
     assert "| mdl:obd | wanda | 0.5 |" in md and "decision (s)" in md
 
 
+def test_damage_refine_searches_from_the_program_on_the_same_table(setup):
+    """mdl:damage+refine reads mdl:damage's table (no second damage stage), keeps the budget exact,
+    and its cell (only) reruns when the search budget changes."""
+    tmp, kw = setup
+    opts = {k: v for k, v in kw.items() if k != "log"}
+    common = dict(damage_levels=[0.25, 0.5, 0.75], damage_nsamples=3, **opts)
+    rules = ["mdl:damage", "mdl:damage+refine"]
+    res, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], search_generations=2, **common),
+                                     tmp / "refine")
+    assert [c.label for c in res.cells] == rules
+    assert [n for n in summary.ran if n.startswith("damage:")] == ["damage:wanda"]
+    assert (tmp / "refine" / "cells" / "mdl-damage-refine_wanda_s0.50.json").is_file()
+    from layercap.models import find_blocks, load_model
+
+    model, _ = load_model(str(tmp / "m"))
+    N = np.array([b.num_prunable for b in find_blocks(model)], float)
+    refined = np.array(list(res.cells[1].ratios.values()))
+    assert abs(float(N @ refined / N.sum()) - 0.5) < 1e-6
+    _, again = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], search_generations=3, **common),
+                                 tmp / "refine")
+    assert [n for n in again.ran if n.startswith("cell:")] == ["cell:mdl-damage-refine_wanda_s0.50"]
+
+
 def test_standings_by_hand():
     from layercap.evaluate import EvalResult
     from layercap.evaluate.perplexity import PerplexityResult

@@ -205,3 +205,11 @@ def test_mdl_paper_caps_every_ratio_at_the_target_plus_five_points():
     s = S(list(rng.random(12) * 5), params=list(rng.integers(1000, 9000, 12)))
     r = ratios_by_rule("mdl-paper", s, 0.5, max_ratio=0.95)
     assert r.rho.max() <= 0.55 + 1e-12 and abs(s.params @ r.rho / s.params.sum() - 0.5) <= 1e-9
+
+
+def test_damage_kind_of_plain_and_refined_sources():
+    from layercap.programs.rules import damage_kind, parse_rule
+
+    assert [damage_kind(s) for s in ("damage", "obd+refine", "damage+refine", "kfac", "kfac+refine", None)] == \
+        ["damage", "obd", "damage", None, None, None]
+    assert parse_rule("mdl:damage+refine", "pruning", known_sources=["damage+refine"]).label == "mdl:damage+refine"

@@ -33,7 +33,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rules", nargs="+", default=["uniform", "owl", "alphapruning", "mdl:kfac"], metavar="RULE[:SOURCE]",
                    help="ratio rules: uniform, owl, alphapruning, layerif, atp, evopress, mdl-paper, mdl:SOURCE (SOURCE = a "
                    "score method: diag, kfac, ekfac, gradnorm, exact..., or damage / obd: the convex program on measured "
-                   "KL / second-order damage curves); default uniform owl alphapruning mdl:kfac")
+                   "KL / second-order damage curves; damage+refine / obd+refine: that program's ratios refined by the evopress "
+                   "search for --search-generations); default uniform owl alphapruning mdl:kfac")
     p.add_argument("--damage-levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                    metavar="RHO", help="ratios at which mdl:damage / mdl:obd measure each block (default 0.1 .. 0.9)")
     p.add_argument("--damage-nsamples", type=int, default=None, metavar="N",
@@ -76,8 +77,11 @@ def main(args) -> int:
         print(f"wrote {args.output}/comparison.json, comparison.csv, comparison.md, comparison.png ({len(result.cells)} cells)")
         return 0
     from layercap.commands._options import refuse_ignored
+    from layercap.programs.rules import REFINE, damage_kind
 
-    measures_damage = bool({r.partition(":")[2] for r in args.rules} & {"damage", "obd"})
+    sources = {r.partition(":")[2].strip() for r in args.rules}
+    measures_damage = any(damage_kind(s) for s in sources)
+    searches = "evopress" in args.rules or any(s.endswith(REFINE) for s in sources)
     if not measures_damage:
         refuse_ignored(args, {"damage_levels": "--damage-levels"},
                        "without an mdl:damage or mdl:obd rule (a damage-curve option)", "drop it or add such a rule")
@@ -85,9 +89,9 @@ def main(args) -> int:
         refuse_ignored(args, {"damage_nsamples": "--damage-nsamples"},
                        "without an mdl:damage, mdl:obd, atp or evopress rule (the windows KL is measured on)",
                        "drop it or add such a rule")
-    if "evopress" not in args.rules:
-        refuse_ignored(args, {"search_generations": "--search-generations"}, "without the evopress rule",
-                       "drop it or add --rules evopress")
+    if not searches:
+        refuse_ignored(args, {"search_generations": "--search-generations"}, "without the evopress rule or a +refine rule",
+                       "drop it or add --rules evopress (or mdl:damage+refine)")
     if not args.data:
         raise LayercapError("--data is required: pass calibration text, e.g. --data ../shared/data/corpora/wikitext-2-raw/wiki.test.raw.")
     options = build_options(PruningSweepOptions, dict(

@@ -45,7 +45,7 @@ from layercap.experiments.runner import Stage, StageRunner, check_run_dir, remov
 from layercap.io import atomic_write_json, read_json, sha256_json
 
 HINT = "It may be damaged; delete it to recompute, or choose a new -o."
-from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, RuleSpec, parse_rule
+from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, REFINE, RuleSpec, damage_kind, parse_rule
 from layercap.report.pruning_table import cell_id
 
 RUN_FILE = "run.json"
@@ -96,7 +96,7 @@ class PruningSweepOptions:
 
         from layercap.programs.damage import check_levels
 
-        known = available_methods() + list(DAMAGE_SOURCES)
+        known = available_methods() + list(DAMAGE_SOURCES) + [k + REFINE for k in DAMAGE_SOURCES]
         specs = [parse_rule(r, "pruning", known_sources=known) for r in self.rules]
         self.damage_levels = check_levels(self.damage_levels, "damage_levels")
         if self.damage_nsamples is not None and not (1 <= self.damage_nsamples <= self.nsamples):
@@ -181,13 +181,13 @@ def plan(sw: _Sweep) -> list[Stage]:
     stages = [Stage("dense", lambda ctx: eval_key, _dense)]
     sources = []
     for s in o.specs:
-        if s.source and s.source not in sources and s.source not in DAMAGE_SOURCES and s.source != MEASURED:
+        if s.source and s.source not in sources and damage_kind(s.source) is None and s.source != MEASURED:
             sources.append(s.source)
     for source in sources:
         key = {**calib_key, "source": source, "seed": o.seed}
         stages.append(Stage(f"scores:{source}", lambda ctx, k=key: k, lambda ctx, src=source: _scores(ctx, src)))
     damage_key = {**calib_key, "levels": o.damage_levels, "nsamples": o.damage_nsamples}
-    for kind in [k for k in DAMAGE_SOURCES if any(s.source == k for s in o.specs)]:
+    for kind in [k for k in DAMAGE_SOURCES if any(damage_kind(s.source) == k for s in o.specs)]:
         for method in o.methods:
             stages.append(Stage(f"{kind}:{method}", lambda ctx, k={**damage_key, "kind": kind, "method": method}: k,
                                 lambda ctx, kd=kind, m=method: _damage(ctx, kd, m)))
@@ -198,8 +198,9 @@ def plan(sw: _Sweep) -> list[Stage]:
                 key = {**eval_key, **calib_key, "rule": spec.label, "method": method, "sparsity": sparsity,
                        "min_ratio": o.min_ratio, "max_ratio": o.max_ratio}
                 ups = ["cells/dense.json"] + _source_files(spec, method)
-                if spec.source == MEASURED:
-                    key["search"] = {"generations": o.search_generations} if spec.rule == "evopress" else {}
+                if spec.source == MEASURED or _refined(spec):
+                    searched = spec.rule == "evopress" or _refined(spec)
+                    key["search"] = {"generations": o.search_generations} if searched else {}
                     key["search"]["nsamples"] = o.damage_nsamples
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
                                     lambda ctx, sp=spec, m=method, s=sparsity: _cell(ctx, sp, m, s)))
@@ -208,11 +209,16 @@ def plan(sw: _Sweep) -> list[Stage]:
 
 def _source_files(spec: RuleSpec, method: str) -> list[str]:
     """The artefacts a rule's decision reads (run-relative): a scores file, a damage table, or none."""
-    if spec.source in DAMAGE_SOURCES:
-        return [_damage_rel(spec.source, method)]
+    if damage_kind(spec.source):
+        return [_damage_rel(damage_kind(spec.source), method)]
     if spec.source and spec.source != MEASURED:
         return [f"scores/{spec.source}.json"]
     return []
+
+
+def _refined(spec: RuleSpec) -> bool:
+    """mdl:damage+refine / mdl:obd+refine: the program's ratios, then the search from them."""
+    return bool(spec.source) and spec.source.endswith(REFINE)
 
 
 def _damage_rel(kind: str, method: str) -> str:
@@ -281,12 +287,20 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
     names, params = [b.name for b in blocks], [b.num_prunable for b in blocks]
     if spec.source is None:
         return PruningRatios.uniform(names, params, sparsity)
-    if spec.source in DAMAGE_SOURCES:
+    kind = damage_kind(spec.source)
+    if kind:
         from layercap.programs.damage import load_for, ratios_from_damage
 
-        table = load_for(sw.out / _damage_rel(spec.source, method), names, params)
-        return ratios_from_damage(table, sparsity, source="kl" if spec.source == "damage" else "obd-diag",
-                                  min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=spec.label)
+        table = load_for(sw.out / _damage_rel(kind, method), names, params)
+        ratios = ratios_from_damage(table, sparsity, source="kl" if kind == "damage" else "obd-diag",
+                                    min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=f"{spec.rule}:{kind}")
+        if not _refined(spec):
+            return ratios
+        from layercap.apply.prune.search import evolve_ratios
+
+        return evolve_ratios(copy.deepcopy(sw.model), _measure_calib(sw), ratios, method=method, rule=spec.label,
+                             min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
+                             progress=o.progress, batch_size=o.batch_size)
     if spec.source == MEASURED:
         from layercap.apply.prune.search import KLFitness, atp_search, evolve_ratios
 

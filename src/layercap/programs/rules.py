@@ -71,6 +71,15 @@ MEASURED = "measured"
 # sources of the convex-damage program (mdl:damage, mdl:obd): damage tables measured per pruner
 # (layercap.apply.prune.damage), not scores files
 DAMAGE_SOURCES = ("damage", "obd")
+# a damage source with this suffix (mdl:damage+refine): the program's ratios are the start of the
+# EvoPress-style search on calibration KL (the sweep runs it; layercap.apply.prune.search)
+REFINE = "+refine"
+
+
+def damage_kind(source: str | None) -> str | None:
+    """The damage table a source reads ("damage" for ``damage`` and ``damage+refine``), or None."""
+    base = source[: -len(REFINE)] if source and source.endswith(REFINE) else source
+    return base if base in DAMAGE_SOURCES else None
 # the source of the concave-utility allocation program (mdl:measured): a utility table measured by
 # adapting each block alone (layercap.apply.utility, schema layercap.utility/v1), not a scores file
 UTILITY_SOURCES = ("measured",)
