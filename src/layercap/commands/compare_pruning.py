@@ -77,11 +77,11 @@ def main(args) -> int:
         print(f"wrote {args.output}/comparison.json, comparison.csv, comparison.md, comparison.png ({len(result.cells)} cells)")
         return 0
     from layercap.commands._options import refuse_ignored
-    from layercap.programs.rules import REFINE, damage_kind
+    from layercap.programs.rules import damage_kind, is_refined
 
     sources = {r.partition(":")[2].strip() for r in args.rules}
     measures_damage = any(damage_kind(s) for s in sources)
-    searches = "evopress" in args.rules or any(s.endswith(REFINE) for s in sources)
+    searches = "evopress" in args.rules or any(is_refined(s) for s in sources)
     if not measures_damage:
         refuse_ignored(args, {"damage_levels": "--damage-levels"},
                        "without an mdl:damage or mdl:obd rule (a damage-curve option)", "drop it or add such a rule")

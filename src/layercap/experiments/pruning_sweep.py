@@ -45,7 +45,7 @@ from layercap.experiments.runner import Stage, StageRunner, check_run_dir, remov
 from layercap.io import atomic_write_json, read_json, sha256_json
 
 HINT = "It may be damaged; delete it to recompute, or choose a new -o."
-from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, REFINE, RuleSpec, damage_kind, parse_rule
+from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, REFINE, RuleSpec, damage_kind, is_refined, parse_rule
 from layercap.report.pruning_table import cell_id
 
 RUN_FILE = "run.json"
@@ -198,8 +198,8 @@ def plan(sw: _Sweep) -> list[Stage]:
                 key = {**eval_key, **calib_key, "rule": spec.label, "method": method, "sparsity": sparsity,
                        "min_ratio": o.min_ratio, "max_ratio": o.max_ratio}
                 ups = ["cells/dense.json"] + _source_files(spec, method)
-                if spec.source == MEASURED or _refined(spec):
-                    searched = spec.rule == "evopress" or _refined(spec)
+                searched = spec.rule == "evopress" or is_refined(spec.source)
+                if spec.source == MEASURED or searched:
                     key["search"] = {"generations": o.search_generations} if searched else {}
                     key["search"]["nsamples"] = o.damage_nsamples
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
@@ -209,16 +209,12 @@ def plan(sw: _Sweep) -> list[Stage]:
 
 def _source_files(spec: RuleSpec, method: str) -> list[str]:
     """The artefacts a rule's decision reads (run-relative): a scores file, a damage table, or none."""
-    if damage_kind(spec.source):
-        return [_damage_rel(damage_kind(spec.source), method)]
+    kind = damage_kind(spec.source)
+    if kind:
+        return [_damage_rel(kind, method)]
     if spec.source and spec.source != MEASURED:
         return [f"scores/{spec.source}.json"]
     return []
-
-
-def _refined(spec: RuleSpec) -> bool:
-    """mdl:damage+refine / mdl:obd+refine: the program's ratios, then the search from them."""
-    return bool(spec.source) and spec.source.endswith(REFINE)
 
 
 def _damage_rel(kind: str, method: str) -> str:
@@ -294,25 +290,27 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
         table = load_for(sw.out / _damage_rel(kind, method), names, params)
         ratios = ratios_from_damage(table, sparsity, source="kl" if kind == "damage" else "obd-diag",
                                     min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=f"{spec.rule}:{kind}")
-        if not _refined(spec):
-            return ratios
-        from layercap.apply.prune.search import evolve_ratios
-
-        return evolve_ratios(copy.deepcopy(sw.model), _measure_calib(sw), ratios, method=method, rule=spec.label,
-                             min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
-                             progress=o.progress, batch_size=o.batch_size)
+        return _search(sw, ratios, method, rule=spec.label) if is_refined(spec.source) else ratios
     if spec.source == MEASURED:
-        from layercap.apply.prune.search import KLFitness, atp_search, evolve_ratios
-
-        model, calib = copy.deepcopy(sw.model), _measure_calib(sw)
         if spec.rule == "atp":
-            with KLFitness(model, calib, method, batch_size=o.batch_size) as fit:
+            from layercap.apply.prune.search import KLFitness, atp_search
+
+            with KLFitness(copy.deepcopy(sw.model), _measure_calib(sw), method, batch_size=o.batch_size) as fit:
                 return atp_search(fit, names, params, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
-        return evolve_ratios(model, calib, PruningRatios.uniform(names, params, sparsity), method=method,
-                             min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
-                             progress=o.progress, batch_size=o.batch_size)
+        return _search(sw, PruningRatios.uniform(names, params, sparsity), method)
     scores = prunable_scores(LayerScores.load(sw.out / f"scores/{spec.source}.json"), dict(zip(names, params)))
     return ratios_by_rule(spec.rule, scores, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
+
+
+def _search(sw: _Sweep, start, method: str, rule: str | None = None):
+    """The evopress search from ``start`` (uniform: the evopress peer; the program's ratios: +refine)
+    on a copy of the model and the measurement windows."""
+    from layercap.apply.prune.search import evolve_ratios
+
+    o = sw.options
+    return evolve_ratios(copy.deepcopy(sw.model), _measure_calib(sw), start, method=method, rule=rule,
+                         min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
+                         progress=o.progress, batch_size=o.batch_size)
 
 
 def _decision_seconds(sw: _Sweep, spec: RuleSpec, method: str) -> float:

@@ -76,10 +76,17 @@ DAMAGE_SOURCES = ("damage", "obd")
 REFINE = "+refine"
 
 
+def is_refined(source: str | None) -> bool:
+    """True for ``damage+refine`` / ``obd+refine``: the program's ratios, then the search from them."""
+    return bool(source) and source.endswith(REFINE)
+
+
 def damage_kind(source: str | None) -> str | None:
     """The damage table a source reads ("damage" for ``damage`` and ``damage+refine``), or None."""
-    base = source[: -len(REFINE)] if source and source.endswith(REFINE) else source
+    base = source[: -len(REFINE)] if is_refined(source) else source
     return base if base in DAMAGE_SOURCES else None
+
+
 # the source of the concave-utility allocation program (mdl:measured): a utility table measured by
 # adapting each block alone (layercap.apply.utility, schema layercap.utility/v1), not a scores file
 UTILITY_SOURCES = ("measured",)
