@@ -252,3 +252,28 @@ def test_standings_by_hand():
     assert low_b["verdict"] == "wins" and low_b["vs_uniform"] == pytest.approx(0.9)
     md = Comparison({}, ev(a=1.0, b=1.0), cells).standings_markdown()
     assert md.count("\n| wanda |") == 4 and "| ties |" in md
+
+
+def test_context_damage_is_one_table_per_sparsity(setup):
+    """mdl:context measures its curves at each target's uniform operating point: one stage and table
+    per (pruner, sparsity), each recording that context; the ratios meet every target exactly, and a
+    new sparsity adds only its own table and cell."""
+    tmp, kw = setup
+    opts = {k: v for k, v in kw.items() if k != "log"}
+    common = dict(damage_levels=[0.25, 0.5, 0.75], damage_nsamples=3, **opts)
+    res, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["mdl:context"], ["wanda"], [0.5], **common), tmp / "ctx")
+    assert [n for n in summary.ran if n.startswith("context:")] == ["context:wanda:s0.50"]
+    table = json.loads((tmp / "ctx" / "damage" / "context-wanda-s0.50.json").read_text())
+    assert set(table["metadata"]["context"]["ratios"].values()) == {0.5}
+    assert table["metadata"]["context"]["kl"] > 0 and len(table["metadata"]["context"]["kl_block_dense"]) == 3
+    _, again = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["mdl:context"], ["wanda"], [0.5, 0.6], **common), tmp / "ctx")
+    assert sorted(again.ran) == ["cell:mdl-context_wanda_s0.60", "context:wanda:s0.60"]
+    from layercap.models import find_blocks, load_model
+
+    model, _ = load_model(str(tmp / "m"))
+    N = np.array([b.num_prunable for b in find_blocks(model)], float)
+    for s in (0.5, 0.6):
+        cell = json.loads((tmp / "ctx" / "cells" / f"mdl-context_wanda_s{s:.2f}.json").read_text())
+        assert abs(float(N @ np.array(list(cell["ratios"].values())) / N.sum()) - s) < 1e-6
+        tried = cell["decision"]["search"]  # the trust radius was chosen on calibration KL among those tried
+        assert cell["decision"]["fitness"] == min(v for _, v in tried) and cell["decision"]["radius"] in [r for r, _ in tried]

@@ -182,3 +182,81 @@ def test_cli_validates_before_writing(tmp_path, capsys):
     assert rc == 0 and out.exists() and not (tmp_path / "d.json.partial").exists()
     table = DamageTable.load(out)
     assert table.model == "tiny-llama" and len(table.blocks) == 4 and "diag" in table.agreement
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@torch.no_grad()
+def test_damage_in_context_equals_hand_computed_loss_difference(tiny, method):
+    """Curves at an operating point: block k re-pruned alone at rho, every other block at its
+    context ratio (sequential masks), KL to the dense model, minus block k dense in the same context."""
+    calib, ctx_calib = _calib(), _calib(n=6, seed=3)
+    names = [b.name for b in find_blocks(tiny)]
+    context = dict(zip(names, [0.5, 0.4, 0.6]))
+    levels = [0.3, 0.7]
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    table = damage_curves(tiny, calib, levels, method, batch_size=3, progress=False, context=context, context_calib=ctx_calib)
+    for k, v in tiny.state_dict().items():  # the model leaves dense
+        assert torch.equal(v, before[k])
+    ids, labels = calib.input_ids, calib.input_ids[:, 1:]
+    dense = torch.log_softmax(tiny(input_ids=ids).logits[:, :-1].double(), -1)
+
+    for k in (0, 2):
+        ctx_model = copy.deepcopy(tiny)
+        prune_model(ctx_model, context, method, ctx_calib, progress=False, batch_size=4)
+
+        def kl_nll(m):
+            logq = torch.log_softmax(m(input_ids=ids).logits[:, :-1].double(), -1)
+            return ((dense.exp() * (dense - logq)).sum(-1).mean().item(),
+                    -logq.gather(-1, labels.unsqueeze(-1)).mean().item())
+
+        ctx_kl, _ = kl_nll(ctx_model)
+        assert table.metadata["context"]["kl"] == pytest.approx(ctx_kl, rel=1e-4)
+        blk = find_blocks(ctx_model)[k]
+        for r, m in blk.linears.items():
+            m.weight.copy_(find_blocks(tiny)[k].linears[r].weight)
+        kl0, nll0 = kl_nll(ctx_model)
+        assert table.metadata["context"]["kl_block_dense"][k] == pytest.approx(kl0, rel=1e-4)
+        for j, level in enumerate(levels):
+            m_ = copy.deepcopy(ctx_model)
+            ratios = {n: (level if i == k else 0.0) for i, n in enumerate(names)}
+            # sequential pruning of block k alone: its masks see the pruned prefix's outputs on `calib`
+            prune_model(m_, ratios, method, calib, progress=False, batch_size=3)
+            kl, nll = kl_nll(m_)
+            assert table.kl[k][j] == pytest.approx(kl - kl0, rel=1e-4, abs=1e-9)
+            assert table.dnll[k][j] == pytest.approx(nll - nll0, rel=1e-3, abs=1e-7)
+    assert table.cost["evaluations"] == 3 * (len(levels) + 1)
+
+
+def test_context_bad_input_and_resume_in_another_context(tiny, tmp_path):
+    calib = _calib()
+    names = [b.name for b in find_blocks(tiny)]
+    with pytest.raises(LayercapError, match="every block"):
+        damage_curves(tiny, calib, [0.5], "wanda", progress=False, context={names[0]: 0.5})
+    with pytest.raises(LayercapError, match=r"\[0, 1\)"):
+        damage_curves(tiny, calib, [0.5], "wanda", progress=False, context={n: 1.0 for n in names})
+    ckpt = tmp_path / "c.json.partial"
+    damage_curves(tiny, calib, [0.5], "wanda", progress=False, checkpoint=ckpt, context={n: 0.5 for n in names})
+    with pytest.raises(LayercapError, match="another context"):
+        damage_curves(tiny, calib, [0.5], "wanda", progress=False, checkpoint=ckpt, context={n: 0.4 for n in names})
+    with pytest.raises(LayercapError, match="another context"):
+        damage_curves(tiny, calib, [0.5], "wanda", progress=False, checkpoint=ckpt)
+
+
+def test_cli_context(tmp_path, capsys):
+    from layercap.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "c.json"
+    base = ["damage", "tiny-llama", "--data", str(text), "--levels", "0.3", "0.6", "--nsamples", "2", "--seqlen", "16", "--quiet"]
+    assert main(base + ["--context", "1.5", "-o", str(out)]) == 2
+    assert "[0, 1)" in capsys.readouterr().err and not out.exists()
+    ratios = tmp_path / "r.json"
+    from layercap.programs.records import PruningRatios
+
+    PruningRatios.uniform(["model.layers.0"], [10], 0.5).save(ratios)  # another model's blocks
+    assert main(base + ["--context", str(ratios), "-o", str(out)]) == 2
+    assert "not this model's 4 blocks" in capsys.readouterr().err and not out.exists()
+    assert main(base + ["--context", "0.5", "-o", str(out)]) == 0
+    table = DamageTable.load(out)
+    assert set(table.metadata["context"]["ratios"].values()) == {0.5} and "in context" in capsys.readouterr().out

@@ -297,15 +297,16 @@ def test_measured_pruning_rules_in_the_main_job(data_root, tmp_path):
     """mdl:obd / mdl:damage read damage tables made by their own stages, atp searches on the
     calibration windows; the report names the best applied rule and shows the damage heat maps."""
     few = ["scoring.methods=[diag]", "allocation.rules=[uniform]", "allocation.scores=diag", "pruning.scores=diag",
-           "pruning.rules=[mdl:obd,mdl:damage,uniform,atp]", "pruning.apply=[mdl:obd,uniform]", "evaluation.tasks=[]",
+           "pruning.rules=[mdl:obd,mdl:damage,mdl:context,uniform,atp]", "pruning.apply=[mdl:obd,uniform]", "evaluation.tasks=[]",
            "report.html=false", "pruning.save_checkpoints=false"]
     run_dir = tmp_path / "run"
     summary = run_pipeline(_config(data_root, *few), run_dir)
-    assert {"damage:obd", "damage:damage", "ratios:mdl:obd", "ratios:atp", "eval:mdl:obd"} <= set(summary.ran)
+    assert {"damage:obd", "damage:damage", "damage:context", "ratios:mdl:obd", "ratios:atp", "eval:mdl:obd"} <= set(summary.ran)
+    assert set(_json(run_dir / "damage/context.json")["metadata"]["context"]["ratios"].values()) == {0.5}
     from layercap.programs.records import PruningRatios
 
     prunable = np.array([b["prunable"] for b in _json(run_dir / "model.json")["blocks"]], dtype=float)
-    for rule in ("mdl-obd", "mdl-damage", "atp"):
+    for rule in ("mdl-obd", "mdl-damage", "mdl-context", "atp"):
         rho = PruningRatios.load(run_dir / f"ratios/{rule}.json").rho
         assert abs(rho @ prunable / prunable.sum() - 0.5) < 1e-6, rule
     md = (run_dir / "report.md").read_text()

@@ -70,6 +70,26 @@ def test_continuous_solution_matches_cvxpy(seed):
     assert sol2.objective == pytest.approx(_cvxpy_value(D, levels, N, s, lo, hi, at_least=True, w=w), rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_trust_region_matches_cvxpy(seed):
+    """|rho_k - c_k| <= r on top of the box: per-block bounds, the same exact segment search."""
+    rng = np.random.default_rng(500 + seed)
+    K, L = int(rng.integers(2, 12)), int(rng.integers(3, 7))
+    D, levels, N = _instance(rng, K, L, negative=seed % 3 == 0)
+    hi = float(levels[-1])
+    s = float(rng.uniform(0.2, 0.8)) * hi
+    c, r = np.full(K, s), float(rng.uniform(0.02, 0.3))
+    sol = solve_damage_program(D, levels, N, s, max_ratio=0.95, around=c, radius=r)
+    los, his = np.maximum(0.0, c - r), np.minimum(hi, c + r)
+    assert np.dot(N, sol.rho) == pytest.approx(s * N.sum(), rel=1e-12)
+    assert np.all(sol.rho >= los - 1e-12) and np.all(sol.rho <= his + 1e-12)
+    assert sol.objective == pytest.approx(_cvxpy_value(D, levels, N, s, los, his), rel=1e-6, abs=1e-7)
+    wide = solve_damage_program(D, levels, N, s, max_ratio=0.95)
+    assert sol.objective >= wide.objective - 1e-12  # a restriction never helps the model's objective
+    with pytest.raises(LayercapError, match="cannot meet"):
+        solve_damage_program(D, levels, N, s, max_ratio=0.95, around=np.full(K, 0.0), radius=0.01)
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_discrete_solution_and_its_certified_gap_against_brute_force(seed):
     rng = np.random.default_rng(100 + seed)

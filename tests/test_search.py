@@ -105,3 +105,41 @@ def test_atp_search_finds_the_slope_of_a_hand_example():
     assert r.metadata["step"] == pytest.approx(0.04) and r.metadata["fitness"] == pytest.approx(0.0, abs=1e-20)
     np.testing.assert_allclose(r.rho, want)
     assert r.achieved == pytest.approx(0.5)
+
+
+def _context_table(K=6, L=9, seed=0):
+    from layercap.programs.damage import DamageTable
+
+    rng = np.random.default_rng(seed)
+    levels = [round(0.1 * (j + 1), 2) for j in range(L)]
+    D = np.cumsum(rng.uniform(0.0, 1.0, (K, L)) * np.linspace(0.1, 2.0, L), axis=1) * rng.uniform(0.2, 3.0, (K, 1))
+    names = [f"model.layers.{k}" for k in range(K)]
+    return DamageTable(model="m", method="wanda", blocks=names, params=[100] * K, levels=levels, kl=D.tolist(),
+                       dnll=D.tolist(), metadata={"context": {"ratios": {n: 0.5 for n in names}}})
+
+
+def test_trust_region_search_takes_the_radius_of_lowest_calibration_fitness():
+    """Every radius is tried once, the chosen one has the lowest fitness, its region holds, the
+    budget is exact; a radius that cannot meet the target is skipped; a dense-context table is refused."""
+    from layercap.apply.prune.search import trust_region_search
+    from layercap.programs.damage import DamageTable, ratios_from_damage
+
+    table = _context_table()
+    target = ratios_from_damage(table, 0.5, max_ratio=0.9, radius=0.1).rho  # the fitness favours radius 0.1
+
+    def fitness(rho, stage):
+        return float(np.sum((rho - target) ** 2))
+
+    out = trust_region_search(fitness, table, 0.5, radii=(0.05, 0.1, 0.2, None), max_ratio=0.9)
+    assert out.metadata["radius"] == 0.1 and [r for r, _ in out.metadata["search"]] == [0.05, 0.1, 0.2, None]
+    assert out.metadata["fitness"] == min(v for _, v in out.metadata["search"]) == pytest.approx(0.0)
+    assert np.all(np.abs(out.rho - 0.5) <= 0.1 + 1e-12) and np.dot([100] * 6, out.rho) == pytest.approx(300.0)
+    # a region around 0.5 of radius 0.05 cannot meet 0.6 (every block <= 0.55): skipped, not an error
+    far = trust_region_search(fitness, table, 0.6, radii=(0.05, 0.2), max_ratio=0.9)
+    assert [r for r, _ in far.metadata["search"]] == [0.2]
+    with pytest.raises(LayercapError, match="no trust radius"):
+        trust_region_search(fitness, table, 0.6, radii=(0.05,), max_ratio=0.9)
+    dense = DamageTable(model="m", method="wanda", blocks=table.blocks, params=table.params, levels=table.levels,
+                        kl=table.kl, dnll=table.dnll)
+    with pytest.raises(LayercapError, match="in context"):
+        trust_region_search(fitness, dense, 0.5)

@@ -126,10 +126,10 @@ def test_utility_and_allocate_commands(tmp_path, capsys):
                      "-o", str(alloc)]) == 0
     assert sum(l["n"] for l in json.loads(alloc.read_text())["layers"]) == 4
     capsys.readouterr()
-    # a curve that dips (a learning rate that overshoots, no tolerance) or diverges: an error, no table
+    # a curve that dips or diverges (a learning rate far too high, no tolerance): an error, no table
     bad = tmp_path / "bad.json"
     rc = cli_main(["utility", "tiny-llama", "--data", str(text), "--levels", "0", "1", "2", "--steps", "3",
-                   "--nsamples", "2", "--heldout", "2", "--seqlen", "16", "--lr", "3", "--tolerance", "0", "--quiet",
+                   "--nsamples", "2", "--heldout", "2", "--seqlen", "16", "--lr", "30", "--tolerance", "0", "--quiet",
                    "-o", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and not bad.exists()

@@ -36,6 +36,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--obd", nargs="*", choices=("diag", "kfac"), default=[],
                    help="also the second-order estimates (diagonal Fisher and/or K-FAC) and their Spearman agreement")
     p.add_argument("--fisher", choices=("true", "empirical"), default="true", help="Fisher labels for --obd (default true)")
+    p.add_argument("--context", default=None, metavar="S|RATIOS.json",
+                   help="measure at an operating point instead of around the dense model: every other block pruned "
+                        "uniformly at sparsity S, or at the per-block ratios of a layercap.ratios/v1 file; the table holds "
+                        "each block's KL increase over itself dense in that context (the input of mdl:context)")
     add_table_options(p, "damage")
     return p
 
@@ -82,9 +86,33 @@ def _validate(args) -> None:
     if not args.obd:
         refuse_ignored(args, {"fisher": "--fisher"}, "without --obd (the Fisher labels of the OBD estimates)",
                        "drop it or add --obd diag")
+    if args.context is not None and args.obd:
+        raise LayercapError("--context and --obd: the damage in context is measured only; drop one of them.")
     check_output_file(args.output, "-o", [args.data])
     check_output_file(Path(args.output).with_name(Path(args.output).name + ".partial"), "-o (its .partial table)", [args.data])
     check_device(args.device)
+
+
+def _context(value: str | None, blocks) -> dict[str, float] | None:
+    """--context: a sparsity (every block at it) or a ratios file naming every block."""
+    if value is None:
+        return None
+    try:
+        s = float(value)
+    except ValueError:
+        s = None
+    if s is not None:
+        if not 0.0 <= s < 1.0:
+            raise LayercapError(f"--context {value}: a sparsity must lie in [0, 1).")
+        return {b.name: s for b in blocks}
+    from layercap.programs.records import PruningRatios
+
+    ratios = PruningRatios.load(value).ratios()
+    names = [b.name for b in blocks]
+    if sorted(ratios) != sorted(names):
+        raise LayercapError(f"--context {value}: its layers ({len(ratios)}) are not this model's {len(names)} blocks "
+                            f"({names[0]} ... {names[-1]}); write ratios for this model (layercap prune-ratios).")
+    return ratios
 
 
 def main(args) -> int:
@@ -99,9 +127,10 @@ def main(args) -> int:
         check_seqlen(model, args.seqlen)
         calib = calibration_set(tokenizer, args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         curvature = curvature_stats(model, calib, args.obd, fisher=args.fisher, seed=args.seed) if args.obd else None
-        return damage_curves(model, calib, args.levels, args.method, structure=args.structure, blocks=find_blocks(model),
+        blocks = find_blocks(model)
+        return damage_curves(model, calib, args.levels, args.method, structure=args.structure, blocks=blocks,
                              batch_size=args.batch_size, curvature=curvature, checkpoint=partial,
-                             progress=not args.quiet, model_id=args.model)
+                             progress=not args.quiet, model_id=args.model, context=_context(args.context, blocks))
 
     table, out = measure_resumable(args, measure)
     c = table.cost
@@ -111,5 +140,9 @@ def main(args) -> int:
     for kind, rhos in table.agreement.items():
         vals = ", ".join("-" if r is None else f"{r:.2f}" for r in rhos)
         print(f"obd-{kind} vs measured KL, Spearman per level: {vals}")
+    ctx = table.metadata.get("context")
+    if ctx:
+        print(f"in context: KL of the context-pruned model {ctx['kl']:.4f}; the table holds each block's increase over "
+              "itself dense in that context")
     print(f"wrote {out}")
     return 0

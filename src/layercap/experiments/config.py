@@ -169,7 +169,8 @@ class AllocationConfig:
 class PruningConfig:
     scores: str = _f("score source of the `mdl` ratio rule", choices=SCORE_METHODS, default="kfac")
     rules: list = _f("ratio rules to compute at the same sparsity (`mdl`: the paper's zeta^2 program; `mdl:obd` / "
-                     "`mdl:damage`: the convex program on second-order / measured damage curves)", kind="list",
+                     "`mdl:damage`: the convex program on second-order / measured damage curves; `mdl:context`: on curves measured "
+                     "with every other block pruned at the target)", kind="list",
                      choices=RATIO_RULES, default_factory=lambda: ["mdl:obd", "mdl", "uniform", "owl", "alphapruning"])
     apply: list = _f("ratio rules actually pruned and evaluated (subset of `rules`)", kind="list", choices=RATIO_RULES,
                      default_factory=lambda: ["mdl:obd", "uniform"])

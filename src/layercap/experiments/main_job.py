@@ -318,6 +318,11 @@ def ratios_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
     spec = _pruning_spec(ctx, rule)
     if spec.source in DAMAGE_SOURCES:
         upstream = ctx.runner.upstream(f"damage/{spec.source}.json")
+        if spec.source == "context":  # its trust radius is chosen on the pruned model's calibration KL
+            from layercap.programs.damage import TRUST_RADII
+
+            fields_.update(method=p.method, structure=p.structure, radii=list(TRUST_RADII))
+            upstream = {**upstream, **_model_and_data(ctx)}
     elif spec.source == MEASURED:  # a search over the pruned model on the calibration windows
         fields_.update(method=p.method, structure=p.structure)
         upstream = _model_and_data(ctx)
@@ -327,7 +332,7 @@ def ratios_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
 
 
 def stage_ratios(ctx: RunContext, rule: str) -> list[str]:
-    from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, ratios_by_rule
+    from layercap.programs.rules import DAMAGE_COLUMNS, DAMAGE_SOURCES, MEASURED, ratios_by_rule
 
     p = ctx.config.pruning
     spec = _pruning_spec(ctx, rule)
@@ -337,8 +342,16 @@ def stage_ratios(ctx: RunContext, rule: str) -> list[str]:
         from layercap.programs.damage import load_for, ratios_from_damage
 
         table = load_for(ctx.path(f"damage/{spec.source}.json"), names, params)
-        ratios = ratios_from_damage(table, p.sparsity, source="kl" if spec.source == "damage" else "obd-diag",
-                                    min_ratio=p.min_ratio, max_ratio=p.max_ratio, rule=rule)
+        if spec.source == "context":  # the program in a trust region, its radius by calibration KL
+            from layercap.apply.prune.search import KLFitness, trust_region_search
+
+            model, _ = load_run_model(ctx, with_tokenizer=False)
+            with KLFitness(model, load_calibration(ctx), p.method, batch_size=ctx.config.scoring.batch_size) as fit:
+                ratios = trust_region_search(fit, table, p.sparsity, min_ratio=p.min_ratio, max_ratio=p.max_ratio, rule=rule)
+            ratios.metadata = drop_timings(ratios.metadata)
+        else:
+            ratios = ratios_from_damage(table, p.sparsity, source=DAMAGE_COLUMNS[spec.source],
+                                        min_ratio=p.min_ratio, max_ratio=p.max_ratio, rule=rule)
     elif spec.source == MEASURED:
         from layercap.apply.prune.search import KLFitness, atp_search, evolve_ratios
         from layercap.programs.records import PruningRatios
@@ -363,21 +376,27 @@ def stage_ratios(ctx: RunContext, rule: str) -> list[str]:
 def damage_inputs(ctx: RunContext, kind: str) -> dict[str, Any]:
     p = ctx.config.pruning
     return {"kind": kind, "method": p.method, "structure": p.structure, "levels": p.damage_levels,
-            "batch_size": ctx.config.scoring.batch_size, "upstream": _model_and_data(ctx)}
+            "batch_size": ctx.config.scoring.batch_size, "upstream": _model_and_data(ctx),
+            **({"sparsity": p.sparsity} if kind == "context" else {})}
 
 
 def stage_damage(ctx: RunContext, kind: str) -> list[str]:
     """Damage curves of every block under ``pruning.method``: the KL measured when each block alone
-    is pruned (``damage``), or the free second-order (OBD, diagonal Fisher) estimate (``obd``)."""
+    is pruned (``damage``), the free second-order (OBD, diagonal Fisher) estimate (``obd``), or the
+    KL increase measured with every other block pruned uniformly at ``pruning.sparsity`` (``context``)."""
     from layercap.apply.prune.damage import damage_table
 
     p = ctx.config.pruning
     model, _ = load_run_model(ctx, with_tokenizer=False)
     rel = f"damage/{kind}.json"
     ctx.path("damage").mkdir(parents=True, exist_ok=True)
+    context = None
+    if kind == "context":
+        blocks = read_json(ctx.path("model.json"))["blocks"]
+        context = {b["name"]: float(p.sparsity) for b in blocks}
     table = damage_table(model, load_calibration(ctx), kind, p.damage_levels, p.method, structure=p.structure,
                          batch_size=ctx.config.scoring.batch_size, checkpoint=str(ctx.path(rel)) + ".partial",
-                         model_id=ctx.config.model.spec)
+                         model_id=ctx.config.model.spec, context=context)
     table.save(ctx.path(rel))
     return [rel]
 

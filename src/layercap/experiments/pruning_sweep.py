@@ -45,10 +45,13 @@ from layercap.experiments.runner import Stage, StageRunner, check_run_dir, remov
 from layercap.io import atomic_write_json, read_json, sha256_json
 
 HINT = "It may be damaged; delete it to recompute, or choose a new -o."
-from layercap.programs.rules import DAMAGE_SOURCES, MEASURED, REFINE, RuleSpec, damage_kind, is_refined, parse_rule
+from layercap.programs.damage import TRUST_RADII
+from layercap.programs.rules import DAMAGE_COLUMNS, DAMAGE_SOURCES, MEASURED, REFINE, RuleSpec, damage_kind, is_refined, parse_rule
 from layercap.report.pruning_table import cell_id
 
 RUN_FILE = "run.json"
+# what a searched rule's ratios record about its search, kept in the cell (atp's steps, mdl:context's radii)
+DECISION_KEYS = ("search", "fitness", "radius")
 
 
 @dataclass
@@ -189,35 +192,41 @@ def plan(sw: _Sweep) -> list[Stage]:
     damage_key = {**calib_key, "levels": o.damage_levels, "nsamples": o.damage_nsamples}
     for kind in [k for k in DAMAGE_SOURCES if any(damage_kind(s.source) == k for s in o.specs)]:
         for method in o.methods:
-            stages.append(Stage(f"{kind}:{method}", lambda ctx, k={**damage_key, "kind": kind, "method": method}: k,
-                                lambda ctx, kd=kind, m=method: _damage(ctx, kd, m)))
+            for sparsity in (o.sparsities if kind == "context" else [None]):  # a context table per operating point
+                key = {**damage_key, "kind": kind, "method": method, **({"sparsity": sparsity} if sparsity else {})}
+                name = f"{kind}:{method}" + (f":s{sparsity:.2f}" if sparsity else "")
+                stages.append(Stage(name, lambda ctx, k=key: k, lambda ctx, kd=kind, m=method, s=sparsity: _damage(ctx, kd, m, s)))
     for sparsity in o.sparsities:
         for method in o.methods:
             for spec in o.specs:
                 cid = cell_id(spec, method, sparsity)
                 key = {**eval_key, **calib_key, "rule": spec.label, "method": method, "sparsity": sparsity,
                        "min_ratio": o.min_ratio, "max_ratio": o.max_ratio}
-                ups = ["cells/dense.json"] + _source_files(spec, method)
+                ups = ["cells/dense.json"] + _source_files(spec, method, sparsity)
                 searched = spec.rule == "evopress" or is_refined(spec.source)
-                if spec.source == MEASURED or searched:
+                if spec.source == MEASURED or searched or damage_kind(spec.source) == "context":
                     key["search"] = {"generations": o.search_generations} if searched else {}
                     key["search"]["nsamples"] = o.damage_nsamples
+                    if damage_kind(spec.source) == "context":
+                        key["search"]["radii"] = list(TRUST_RADII)
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
                                     lambda ctx, sp=spec, m=method, s=sparsity: _cell(ctx, sp, m, s)))
     return stages
 
 
-def _source_files(spec: RuleSpec, method: str) -> list[str]:
+def _source_files(spec: RuleSpec, method: str, sparsity: float) -> list[str]:
     """The artefacts a rule's decision reads (run-relative): a scores file, a damage table, or none."""
     kind = damage_kind(spec.source)
     if kind:
-        return [_damage_rel(kind, method)]
+        return [_damage_rel(kind, method, sparsity)]
     if spec.source and spec.source != MEASURED:
         return [f"scores/{spec.source}.json"]
     return []
 
 
-def _damage_rel(kind: str, method: str) -> str:
+def _damage_rel(kind: str, method: str, sparsity: float | None = None) -> str:
+    if kind == "context":
+        return f"damage/context-{method}-s{sparsity:.2f}.json"
     return f"damage/{method}.json" if kind == "damage" else f"damage/obd-{method}.json"
 
 
@@ -232,23 +241,34 @@ def _measure_calib(sw: _Sweep):
     return CalibrationSet(calib.input_ids[:n], calib.sha256 + f"[:{n}]", calib.source, calib.seed, calib.bos)
 
 
-def _damage(sw: _Sweep, kind: str, method: str) -> list[str]:
-    """The damage table of ``method`` pruning: measured KL per (block, level), or OBD estimates only."""
+def _damage(sw: _Sweep, kind: str, method: str, sparsity: float | None = None) -> list[str]:
+    """The damage table of ``method`` pruning: measured KL per (block, level), OBD estimates only, or
+    (``context``) the measured KL increase with every other block pruned uniformly at ``sparsity``
+    the way the cells prune (all calibration windows)."""
     from layercap.apply.prune.damage import damage_table
 
     o = sw.options
     calib = _measure_calib(sw)
-    rel = _damage_rel(kind, method)
+    rel = _damage_rel(kind, method, sparsity)
+    context = _uniform_context(sw, sparsity) if kind == "context" else None
     path = sw.out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     partial = path.with_name(path.name + ".partial")
     table = damage_table(sw.model, calib, kind, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
-                         checkpoint=partial, model_id=str(o.model))
+                         checkpoint=partial, model_id=str(o.model), context=context, context_calib=sw.calib)
     table.save(path)
     partial.unlink(missing_ok=True)  # the finished table replaces it
     sw.log(f"{kind}:{method}: {time.perf_counter() - t0:.1f} s")
     return [rel]
+
+
+def _uniform_context(sw: _Sweep, sparsity: float) -> dict[str, float]:
+    from layercap.models import find_blocks
+    from layercap.programs.records import PruningRatios
+
+    blocks = find_blocks(sw.model)
+    return PruningRatios.uniform([b.name for b in blocks], [b.num_prunable for b in blocks], sparsity).ratios()
 
 
 def _dense(sw: _Sweep) -> list[str]:
@@ -287,9 +307,16 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
     if kind:
         from layercap.programs.damage import load_for, ratios_from_damage
 
-        table = load_for(sw.out / _damage_rel(kind, method), names, params)
-        ratios = ratios_from_damage(table, sparsity, source="kl" if kind == "damage" else "obd-diag",
-                                    min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=f"{spec.rule}:{kind}")
+        table = load_for(sw.out / _damage_rel(kind, method, sparsity), names, params)
+        if kind == "context":  # the program in a trust region around the operating point, radius by calibration KL
+            from layercap.apply.prune.search import KLFitness, trust_region_search
+
+            with KLFitness(copy.deepcopy(sw.model), _measure_calib(sw), method, batch_size=o.batch_size) as fit:
+                ratios = trust_region_search(fit, table, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio,
+                                             rule=f"{spec.rule}:{kind}")
+        else:
+            ratios = ratios_from_damage(table, sparsity, source=DAMAGE_COLUMNS[kind],
+                                        min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=f"{spec.rule}:{kind}")
         return _search(sw, ratios, method, rule=spec.label) if is_refined(spec.source) else ratios
     if spec.source == MEASURED:
         if spec.rule == "atp":
@@ -313,10 +340,10 @@ def _search(sw: _Sweep, start, method: str, rule: str | None = None):
                          progress=o.progress, batch_size=o.batch_size)
 
 
-def _decision_seconds(sw: _Sweep, spec: RuleSpec, method: str) -> float:
+def _decision_seconds(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> float:
     """Wall seconds of the stage that made the rule's input (scores or damage table), as recorded."""
     for rec in sw.runner.manifest.stages.values():
-        if any(rel in rec.outputs for rel in _source_files(spec, method)):
+        if any(rel in rec.outputs for rel in _source_files(spec, method, sparsity)):
             return float(rec.wall_time_s)
     return 0.0
 
@@ -329,7 +356,7 @@ def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]
     o = sw.options
     t_decide = time.perf_counter()
     ratios = _ratios(sw, spec, method, sparsity)
-    decision = time.perf_counter() - t_decide + _decision_seconds(sw, spec, method)
+    decision = time.perf_counter() - t_decide + _decision_seconds(sw, spec, method, sparsity)
     dense = EvalResult.load(sw.out / "cells" / "dense.json")
     pruned = copy.deepcopy(sw.model)
     t0 = time.perf_counter()
@@ -339,7 +366,8 @@ def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]
                         **sw.eval_kwargs())
     cell = CellResult(spec.rule, spec.source, method, float(sparsity), float(report.achieved), ratios.ratios(), ev,
                       t1 - t0, time.perf_counter() - t1, list(getattr(ratios, "warnings", []) or []),
-                      settings_sha256=sha256_json(sw.settings), decision_seconds=decision)
+                      settings_sha256=sha256_json(sw.settings), decision_seconds=decision,
+                      decision={k: ratios.metadata[k] for k in DECISION_KEYS if k in (ratios.metadata or {})})
     rel = f"cells/{cell_id(spec, method, sparsity)}.json"
     atomic_write_json(sw.out / rel, cell.to_dict())
     sw.log(f"{cell_id(spec, method, sparsity)}: ppl {', '.join(f'{v.ppl:.2f}' for v in ev.ppl.values())}; "

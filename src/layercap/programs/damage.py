@@ -50,6 +50,10 @@ DAMAGE_SCHEMA = "layercap.damage/v1"
 SOURCES = ("kl", "dnll", "obd-diag", "obd-kfac")
 OBD_KINDS = ("diag", "kfac")
 PROGRAM_MODES = ("exact", "at-least")
+# the trust-region radii mdl:context tries around its operating point (None: only the box). The
+# in-context curves describe the damage near the point they were measured at; how near is an
+# empirical question, answered on the calibration KL as atp's step is
+TRUST_RADII: tuple[float | None, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, None)
 
 
 # ---- the record ---------------------------------------------------------------------------
@@ -357,9 +361,12 @@ def take_segments(envelopes, weights, start, target: float, *, beyond: float = -
 
 def solve_damage_program(damage: np.ndarray, levels: Sequence[float], params: Sequence[float], sparsity: float, *,
                          min_ratio: float = 0.0, max_ratio: float = 0.95, size_weight: float = 0.0,
-                         mode: str = "exact") -> DamageSolution:
+                         mode: str = "exact", around: Sequence[float] | None = None,
+                         radius: float | None = None) -> DamageSolution:
     """Solve the program of the module docstring. ``damage``: (K, L) measured values at ``levels``
-    (L,); ``params``: (K,) N_k. The upper bound is min(max_ratio, max level): no extrapolation."""
+    (L,); ``params``: (K,) N_k. The upper bound is min(max_ratio, max level): no extrapolation.
+    ``around`` (K,) and ``radius``: a trust region, |rho_k - around_k| <= radius on top of the box
+    (for curves measured at an operating point, which they describe only near it)."""
     D = np.asarray(damage, dtype=np.float64)
     N = np.asarray(params, dtype=np.float64)
     lv = np.asarray(check_levels(levels, "levels"), dtype=np.float64)
@@ -383,12 +390,22 @@ def solve_damage_program(damage: np.ndarray, levels: Sequence[float], params: Se
                             "measure higher levels (--levels ... 0.9) or change the bounds.")
     total = float(N.sum())
     target = s * total
+    los, his = np.full(N.size, lo), np.full(N.size, hi)
+    if (around is None) != (radius is None):
+        raise LayercapError("a trust region needs both the operating point (around) and its radius.")
+    if radius is not None:
+        c = np.asarray(around, dtype=np.float64)
+        if c.shape != N.shape or not np.all(np.isfinite(c)) or not (math.isfinite(radius) and radius > 0):
+            raise LayercapError(f"trust region: around must list {N.size} finite ratios and radius must be > 0, got {radius!r}.")
+        los, his = np.maximum(los, c - radius), np.minimum(his, c + radius)
+        if np.any(los > his) or not float(N @ los) - 1e-9 * total <= target <= float(N @ his) + 1e-9 * total:
+            raise LayercapError(f"trust region of radius {radius:g} around the operating point cannot meet sparsity {s:g} "
+                                "within the bounds; widen it.")
     full = [lower_envelope(lv, D[k]) for k in range(N.size)]
-    envs = [_clip_envelope(xs, ys, lo, hi) for xs, ys in full]
+    envs = [_clip_envelope(xs, ys, los[k], his[k]) for k, (xs, ys) in enumerate(full)]
     # "at-least" keeps taking segments whose slope is below the size reward w (they lower the objective)
-    rho, _, lam = take_segments(envs, N, np.full(N.size, lo), target,
-                                beyond=size_weight if mode == "at-least" else -math.inf)
-    rho = np.clip(rho, lo, hi)
+    rho, _, lam = take_segments(envs, N, los, target, beyond=size_weight if mode == "at-least" else -math.inf)
+    rho = np.clip(rho, los, his)
 
     def obj(r):
         return float(sum(np.interp(r[k], *full[k]) for k in range(N.size)) + size_weight * float(N @ (1.0 - r)))
@@ -399,7 +416,7 @@ def solve_damage_program(damage: np.ndarray, levels: Sequence[float], params: Se
     for k, (xs, ys) in enumerate(envs):
         if not np.any(np.isclose(xs, rho[k], rtol=0, atol=1e-12)):
             nxt = xs[xs > rho[k]]
-            disc[k] = float(nxt[0]) if nxt.size else hi
+            disc[k] = float(nxt[0]) if nxt.size else his[k]
     o, od = obj(rho), obj(disc)
     return DamageSolution(rho=rho, lam=float(lam if math.isfinite(lam) else 0.0), objective=o, rho_discrete=disc,
                           objective_discrete=od, gap=max(od - o, 0.0), achieved=float(N @ rho / total),
@@ -408,7 +425,7 @@ def solve_damage_program(damage: np.ndarray, levels: Sequence[float], params: Se
 
 def ratios_from_damage(table: DamageTable, sparsity: float, *, source: str = "kl", min_ratio: float = 0.0,
                        max_ratio: float = 0.95, size_weight: float = 0.0, mode: str = "exact",
-                       discrete: bool = False, rule: str | None = None) -> PruningRatios:
+                       discrete: bool = False, rule: str | None = None, radius: float | None = None) -> PruningRatios:
     """Per-block pruning ratios minimising the summed convex damage at the target sparsity.
 
     ``source``: kl (rule ``mdl:damage``), dnll, obd-diag / obd-kfac (rule ``mdl:obd``).
@@ -419,8 +436,14 @@ def ratios_from_damage(table: DamageTable, sparsity: float, *, source: str = "kl
     if np.isnan(D).any():
         raise LayercapError(f"{table.source}: the {source} damage table is partial (unmeasured entries); finish it "
                             "with `layercap damage ... --resume` before computing ratios.")
+    around = None
+    if radius is not None:  # the trust region is around the table's operating point
+        ctx = table.metadata.get("context")
+        if not ctx:
+            raise LayercapError(f"{table.source}: a trust region needs a table measured in context (layercap damage --context).")
+        around = [ctx["ratios"][b] for b in table.blocks]
     sol = solve_damage_program(D, table.levels, table.params, sparsity, min_ratio=min_ratio, max_ratio=max_ratio,
-                               size_weight=size_weight, mode=mode)
+                               size_weight=size_weight, mode=mode, around=around, radius=radius)
     rho = sol.rho_discrete if discrete else sol.rho
     lo, hi = float(min_ratio), sol.hi
     warnings = []
@@ -435,6 +458,7 @@ def ratios_from_damage(table: DamageTable, sparsity: float, *, source: str = "kl
         nu=sol.lam, clipped=int(np.sum((rho <= lo + 1e-12) | (rho >= hi - 1e-12))), warnings=warnings,
         metadata={"source": source, "damage_model": table.model, "damage_method": table.method, "levels": table.levels,
                   "min_ratio": lo, "max_ratio": float(max_ratio), "size_weight": size_weight, "discrete": discrete,
+                  "radius": radius,
                   "objective": sol.objective, "objective_discrete": sol.objective_discrete, "gap": sol.gap,
                   "rho_continuous": sol.rho.tolist(), "rho_discrete": sol.rho_discrete.tolist()},
     )

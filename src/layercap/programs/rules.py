@@ -68,9 +68,12 @@ DEFAULT_CURVATURE = "kfac"
 # rules decided by measuring the pruned model on calibration tokens (a search), not by a program
 # over a scores file: the orchestration layer runs them (layercap.apply.prune.search)
 MEASURED = "measured"
-# sources of the convex-damage program (mdl:damage, mdl:obd): damage tables measured per pruner
-# (layercap.apply.prune.damage), not scores files
-DAMAGE_SOURCES = ("damage", "obd")
+# sources of the convex-damage program (mdl:damage, mdl:obd, mdl:context): damage tables measured
+# per pruner (layercap.apply.prune.damage), not scores files. `context` is measured at the operating
+# point (every other block pruned at the uniform target), so its table belongs to one sparsity.
+DAMAGE_SOURCES = ("damage", "obd", "context")
+# the table column each damage source's program reads
+DAMAGE_COLUMNS = {"damage": "kl", "obd": "obd-diag", "context": "kl"}
 # a damage source with this suffix (mdl:damage+refine): the program's ratios are the start of the
 # EvoPress-style search on calibration KL (the sweep runs it; layercap.apply.prune.search)
 REFINE = "+refine"

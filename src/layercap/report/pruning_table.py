@@ -47,6 +47,7 @@ class CellResult:
     warnings: list[str] = field(default_factory=list)
     settings_sha256: str | None = None  # the shared settings the cell was computed with (None: written before they were recorded)
     decision_seconds: float | None = None  # wall time of the rule's decision: its scores / damage stage plus program or search
+    decision: dict = field(default_factory=dict)  # what a searched rule tried: "search" [[x, calibration KL]], "fitness", "radius"
 
     @property
     def label(self) -> str:
@@ -67,6 +68,7 @@ class CellResult:
             "warnings": list(self.warnings),
             "settings_sha256": self.settings_sha256,
             "decision_seconds": self.decision_seconds,
+            "decision": dict(self.decision),
         }
 
     @classmethod
@@ -77,7 +79,7 @@ class CellResult:
             d["rule"], d.get("source"), d["method"], float(d["sparsity"]), float(d["achieved"]),
             {k: float(v) for k, v in d["ratios"].items()}, EvalResult.from_dict(d["eval"]),
             float(d.get("prune_seconds", 0.0)), float(d.get("eval_seconds", 0.0)), list(d.get("warnings", [])),
-            d.get("settings_sha256"), d.get("decision_seconds"),
+            d.get("settings_sha256"), d.get("decision_seconds"), dict(d.get("decision") or {}),
         )
 
 

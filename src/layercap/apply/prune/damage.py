@@ -17,6 +17,19 @@ precomputed hidden states) and the model's own forward runs (embedding lookup + 
 head + any logit soft-capping). The cost is recorded as a multiple of one plain forward pass
 over the same tokens, timed in the same run.
 
+In context (``context`` = per-block ratios, e.g. uniform at the target sparsity): the model is
+first pruned at those ratios (ordinary sequential pruning on ``context_calib``), H_k are the
+*pruned* model's block inputs, and (k, rho) re-prunes block k alone from its dense weights at
+rho (masks from the pruned prefix's inputs, as sequential pruning would) while every other block
+keeps its context mask; KL is still measured against the dense model. Each block is also
+measured dense in that context (level 0), and the table holds the increase over it:
+``kl[k][j] = KL(k at rho_j | context) - KL(k dense | context)``, ``dnll`` likewise, so the
+program's anchor psi_k(0) = 0 is a measured point. This is the damage model linearised at the
+operating point instead of at the dense model: at 60-70 % sparsity the blocks' damages interact
+(an early block's error is amplified by the pruned blocks after it), which curves measured with
+every other block dense cannot see. ``metadata["context"]`` keeps the ratios, the context's KL
+and the per-block level-0 values.
+
 Resumable: after every (block, level) the partial table is written atomically to
 ``checkpoint`` (``complete`` false, null where not measured); a rerun with the same model,
 pruner, levels and calibration windows continues from it.
@@ -32,11 +45,12 @@ whose quadratic form is the second-order expansion of the same KL, so the units 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +114,31 @@ class _Chain:
             for block in self.blocks:
                 block.module.__dict__.pop("forward", None)
         return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def _replay(model: nn.Module, blocks: list[Block], batches: list[torch.Tensor]) -> tuple[_Chain, list[list[torch.Tensor]]]:
+    """The chain and the hidden states at every block input, H_0..H_K (K+1 lists of (B, T, d))."""
+    inputs, calls = capture_block_calls(model, blocks, batches)
+    chain = _Chain(model, blocks, calls, batches)
+    states = [inputs]
+    for k in range(len(blocks)):
+        states.append([chain.run_block(k, j, h) for j, h in enumerate(states[-1])])
+    return chain, states
+
+
+def _check_context(context: Mapping[str, float], blocks: list[Block]) -> dict[str, float]:
+    """Ratios of every block, each in [0, 1) (LayercapError naming the block otherwise)."""
+    names = [b.name for b in blocks]
+    missing, extra = [n for n in names if n not in context], [n for n in context if n not in names]
+    if missing or extra:
+        raise LayercapError(f"context ratios must name every block once: missing {missing[:3]}, unknown {extra[:3]}.")
+    out = {}
+    for n in names:
+        v = context[n]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v < 1.0:
+            raise LayercapError(f"context ratio of {n} = {v!r} must be a number in [0, 1).")
+        out[n] = float(v)
+    return out
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -197,6 +236,10 @@ def _check_resume(old: DamageTable, new: DamageTable, path: Path) -> None:
         if getattr(old, key) != getattr(new, key):
             raise LayercapError(f"{path}: the partial damage table has a different {key!r} ({getattr(old, key)!r}, now "
                                 f"{getattr(new, key)!r}); delete it (or pass --fresh) to start over.")
+    old_ctx, new_ctx = old.metadata.get("context") or {}, new.metadata.get("context") or {}
+    if old_ctx.get("ratios") != new_ctx.get("ratios") or old_ctx.get("calibration_sha256") != new_ctx.get("calibration_sha256"):
+        raise LayercapError(f"{path}: the partial damage table was measured in another context (pruned at other ratios, "
+                            "or dense); delete it (or pass --fresh) to start over.")
     if old.calibration.get("sha256") != new.calibration.get("sha256"):
         raise LayercapError(f"{path}: the partial damage table was measured on other calibration windows; delete it "
                             "(or pass --fresh) to start over, or pass the same --data/--nsamples/--seqlen/--seed.")
@@ -222,8 +265,14 @@ def damage_curves(
     blocksize: int = 128,
     percdamp: float = 0.01,
     model_id: str | None = None,
+    context: Mapping[str, float] | None = None,
+    context_calib: CalibrationSet | None = None,
 ) -> DamageTable:
     """The damage table of ``model`` on ``calib`` (see module docstring); the model is unchanged.
+
+    ``context``: block name -> ratio of the operating point the curves are measured at (every
+    block named; see the module docstring), pruned with ``context_calib`` (default ``calib``);
+    None measures around the dense model.
 
     ``levels``: ratios in [0, 1), increasing. ``measure``: False skips the forward passes (OBD
     estimates only; kl/dnll then stay null and the table is marked incomplete). ``checkpoint``:
@@ -242,6 +291,14 @@ def damage_curves(
     t_start = time.perf_counter()
     blocks = blocks if blocks is not None else find_blocks(model)
     K, L = len(blocks), len(levels)
+    ctx_record = None
+    if context is not None:
+        context = _check_context(context, blocks)
+        if curvature is not None or not measure:
+            raise LayercapError("damage in context is measured only (no OBD estimate): drop --obd, or the context.")
+        ctx_calib = context_calib if context_calib is not None else calib
+        ctx_record = {"ratios": context, "calibration_sha256": ctx_calib.sha256, "kl": None, "dnll": None,
+                      "kl_block_dense": [None] * K, "dnll_block_dense": [None] * K}
     was_training = model.training
     model.eval()
     table = DamageTable(
@@ -249,7 +306,8 @@ def damage_curves(
         params=[int(b.num_prunable) for b in blocks], levels=levels, kl=[[None] * L for _ in range(K)],
         dnll=[[None] * L for _ in range(K)], obd={k: [[0.0] * L for _ in range(K)] for k in (curvature.kinds if curvature else [])},
         calibration=_calibration_record(calib), complete=False,
-        metadata={"batch_size": batch_size, "measured": measure, "blocksize": blocksize, "percdamp": percdamp},
+        metadata={"batch_size": batch_size, "measured": measure, "blocksize": blocksize, "percdamp": percdamp,
+                  **({"context": ctx_record} if ctx_record is not None else {})},
     )
     done = np.zeros((K, L), dtype=bool)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -259,9 +317,12 @@ def damage_curves(
         _check_resume(old, table, checkpoint)
         table.kl, table.dnll, table.obd, table.dense_nll = old.kl, old.dnll, old.obd, old.dense_nll
         done = np.array(old.metadata.get("done", np.zeros((K, L), dtype=bool).tolist()), dtype=bool).reshape(K, L)
+        if ctx_record is not None:
+            ctx_record = table.metadata["context"] = old.metadata["context"]
         prior_s = float(old.cost.get("wall_s", 0.0))
     batches = list(calib.batches(batch_size))
     n_pred = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+    dense_weights: dict[tuple[int, str], torch.Tensor] | None = None  # in context: every Linear's dense weight (CPU)
     try:
         # one plain forward over the same tokens: the unit of the cost
         t0 = time.perf_counter()
@@ -269,11 +330,7 @@ def damage_curves(
             model(input_ids=b.to(model.get_input_embeddings().weight.device), use_cache=False)
         forward_s = time.perf_counter() - t0
         t_setup = time.perf_counter()
-        inputs, calls = capture_block_calls(model, blocks, batches)
-        chain = _Chain(model, blocks, calls, batches)
-        states = [inputs]
-        for k in range(K):
-            states.append([chain.run_block(k, j, h) for j, h in enumerate(states[-1])])
+        chain, states = _replay(model, blocks, batches)
         dense_logp, labels, dense_nll = [], [], 0.0
         if measure:
             for j, b in enumerate(batches):
@@ -281,6 +338,29 @@ def damage_curves(
                 labels.append(b[:, 1:].to(dense_logp[-1].device))
                 dense_nll += _kl_nll(dense_logp[-1], dense_logp[-1], labels[-1])[1]
             table.dense_nll = dense_nll / n_pred
+
+        def measure_from(k: int) -> tuple[float, float]:
+            """(mean KL to dense, mean NLL) of the model as it now is, rerun from block k's input."""
+            kl = nll = 0.0
+            for j in range(len(batches)):
+                logq = _log_probs(chain.head(j, chain.run_from(k, j, states[k][j])))
+                a, b = _kl_nll(dense_logp[j], logq, labels[j])
+                kl, nll = kl + a, nll + b
+                del logq
+            return kl / n_pred, nll / n_pred
+
+        if ctx_record is not None:  # prune at the operating point; its block inputs replace the dense ones
+            from layercap.apply.prune.sequential import prune_model
+
+            dense_weights = {(k, rel): linear_weight(m).detach().to("cpu", copy=True)
+                             for k, b in enumerate(blocks) for rel, m in b.linears.items()}
+            prune_model(model, context, method, calib=ctx_calib, structure=structure, batch_size=batch_size,
+                        progress=False, blocks=blocks, blocksize=blocksize, percdamp=percdamp)
+            del chain, states
+            chain, states = _replay(model, blocks, batches)
+            if ctx_record["kl"] is None:
+                ctx_record["kl"], nll = measure_from(K)
+                ctx_record["dnll"] = nll - table.dense_nll
         setup_s = time.perf_counter() - t_setup
         eval_s = mask_s = 0.0
         evaluations = 0
@@ -291,6 +371,10 @@ def damage_curves(
                 continue
             tm = time.perf_counter()
             active = dict(block.linears)
+            restore = {rel: linear_weight(m).detach().clone() for rel, m in active.items()}  # block k between measurements
+            if ctx_record is not None:  # block k back to dense: its masks come from the pruned prefix's inputs
+                for rel, m in active.items():
+                    linear_weight(m).copy_(dense_weights[(k, rel)])
             stats, factors = {}, {}
             if method != "magnitude":
                 in_features = {rel: linear_weight(m).shape[1] for rel, m in active.items()}
@@ -310,9 +394,15 @@ def damage_curves(
                             f = hessian_factor(st.hessian, percdamp)
                             shared.append((st.hessian, f))
                         factors[rel] = f
-            originals = {rel: linear_weight(m).detach().clone() for rel, m in active.items()}
+            originals = {rel: linear_weight(m).detach().clone() for rel, m in active.items()}  # dense
             mask_s += time.perf_counter() - tm
             try:
+                if ctx_record is not None and ctx_record["kl_block_dense"][k] is None:
+                    te = time.perf_counter()
+                    kl0, nll0 = measure_from(k)
+                    ctx_record["kl_block_dense"][k], ctx_record["dnll_block_dense"][k] = kl0, nll0 - table.dense_nll
+                    eval_s += time.perf_counter() - te
+                    evaluations += 1
                 for jl, level in enumerate(levels):
                     if done[k, jl]:
                         continue
@@ -328,14 +418,12 @@ def damage_curves(
                     mask_s += time.perf_counter() - tm
                     if measure:
                         te = time.perf_counter()
-                        kl = nll = 0.0
-                        for j in range(len(batches)):
-                            logq = _log_probs(chain.head(j, chain.run_from(k, j, states[k][j])))
-                            a, b = _kl_nll(dense_logp[j], logq, labels[j])
-                            kl, nll = kl + a, nll + b
-                            del logq
-                        table.kl[k][jl] = kl / n_pred
-                        table.dnll[k][jl] = nll / n_pred - table.dense_nll
+                        kl, nll = measure_from(k)
+                        if ctx_record is None:
+                            table.kl[k][jl], table.dnll[k][jl] = kl, nll - table.dense_nll
+                        else:  # the increase over block k dense in the same context
+                            table.kl[k][jl] = kl - ctx_record["kl_block_dense"][k]
+                            table.dnll[k][jl] = nll - table.dense_nll - ctx_record["dnll_block_dense"][k]
                         eval_s += time.perf_counter() - te
                         evaluations += 1
                     done[k, jl] = True
@@ -346,10 +434,14 @@ def damage_curves(
                         table.save(checkpoint)
             finally:
                 for rel, m in active.items():
-                    linear_weight(m).copy_(originals[rel])
-            del stats, factors, originals
+                    linear_weight(m).copy_(restore[rel])
+            del stats, factors, originals, restore
         bar.close()
     finally:
+        if dense_weights is not None:  # the model leaves as it came: dense
+            for k, b in enumerate(blocks):
+                for rel, m in b.linears.items():
+                    linear_weight(m).copy_(dense_weights[(k, rel)])
         model.train(was_training)
     wall_s = time.perf_counter() - t_start
     table.cost = {
@@ -375,17 +467,21 @@ def damage_curves(
 
 def damage_table(model: nn.Module, calib: CalibrationSet, kind: str, levels: Sequence[float] = DEFAULT_LEVELS,
                  method: str = "wanda", *, structure: str = "unstructured", batch_size: int = 4,
-                 checkpoint: str | Path | None = None, progress: bool = True, model_id: str | None = None) -> DamageTable:
+                 checkpoint: str | Path | None = None, progress: bool = True, model_id: str | None = None,
+                 context: Mapping[str, float] | None = None, context_calib: CalibrationSet | None = None) -> DamageTable:
     """The table a damage rule reads: ``damage`` = the KL measured when each block alone is pruned
     (resumable from ``checkpoint``), ``obd`` = its free second-order estimate only (diagonal Fisher,
-    no pruned forward passes). The model is unchanged."""
+    no pruned forward passes), ``context`` = the measured KL increase at the operating point
+    ``context`` (block -> ratio, pruned on ``context_calib``; resumable). The model is unchanged."""
     from layercap.programs.rules import DAMAGE_SOURCES
 
     if kind not in DAMAGE_SOURCES:
         raise LayercapError(f"damage kind {kind!r} is unknown; use one of {', '.join(DAMAGE_SOURCES)}.")
+    if (kind == "context") != (context is not None):
+        raise LayercapError("damage kind 'context' needs the operating point's ratios (context=...), and only it does.")
     if kind == "obd":
         curv = curvature_stats(model, calib, ("diag",), batch_size=batch_size)
         return damage_curves(model, calib, levels, method, structure=structure, curvature=curv, measure=False,
                              batch_size=batch_size, progress=progress, model_id=model_id)
     return damage_curves(model, calib, levels, method, structure=structure, batch_size=batch_size, progress=progress,
-                         checkpoint=checkpoint, model_id=model_id)
+                         checkpoint=checkpoint, model_id=model_id, context=context, context_calib=context_calib)

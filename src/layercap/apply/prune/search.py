@@ -46,6 +46,7 @@ from layercap.data.calibration import CalibrationSet
 from layercap.errors import LayercapError
 from layercap.models import Block, find_blocks, linear_weight
 from layercap.programs.atp import atp_rho
+from layercap.programs.damage import TRUST_RADII
 from layercap.programs.records import PruningRatios, RatioLayer
 
 SCREEN, CONFIRM = 0, 1
@@ -376,4 +377,32 @@ def atp_search(fitness: Callable[[np.ndarray, int], float], names: Sequence[str]
     out = atp_ratios(names, params, sparsity, best, min_ratio=min_ratio, max_ratio=max_ratio)
     out.metadata["search"] = [[s, v] for s, v in sorted(tried.items())]
     out.metadata["fitness"] = tried[best]
+    return out
+
+
+def trust_region_search(fitness: Callable[[np.ndarray, int], float], table, sparsity: float, *,
+                        radii: Sequence[float | None] = TRUST_RADII, min_ratio: float = 0.0, max_ratio: float = 0.95,
+                        stage: int = CONFIRM, rule: str | None = None) -> PruningRatios:
+    """The convex-damage program on an in-context ``table`` (:class:`~layercap.programs.damage.DamageTable`
+    with ``metadata.context``) with |rho_k - context_k| <= r, r chosen among ``radii`` by calibration
+    ``fitness`` (never the evaluation data); a radius whose region cannot meet the target is
+    skipped. The record's metadata holds every (radius, fitness) tried and the chosen radius."""
+    from layercap.programs.damage import ratios_from_damage
+
+    if not (table.metadata.get("context") or {}).get("ratios"):
+        raise LayercapError(f"{table.source}: a trust-region search needs a table measured in context (layercap damage --context).")
+    tried, best = [], None
+    for r in radii:
+        try:
+            cand = ratios_from_damage(table, sparsity, min_ratio=min_ratio, max_ratio=max_ratio, radius=r, rule=rule)
+        except LayercapError:
+            continue
+        value = float(fitness(cand.rho, stage))
+        tried.append([r, value])
+        if best is None or value < best[1]:
+            best = (cand, value, r)
+    if best is None:
+        raise LayercapError(f"no trust radius among {list(radii)} meets sparsity {sparsity:g} within the bounds.")
+    out, value, radius = best
+    out.metadata.update(search=tried, fitness=value, radius=radius)
     return out
