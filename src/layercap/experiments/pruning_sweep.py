@@ -204,10 +204,11 @@ def plan(sw: _Sweep) -> list[Stage]:
                        "min_ratio": o.min_ratio, "max_ratio": o.max_ratio}
                 ups = ["cells/dense.json"] + _source_files(spec, method, sparsity)
                 searched = spec.rule == "evopress" or is_refined(spec.source)
-                if spec.source == MEASURED or searched or damage_kind(spec.source) == "context":
+                in_context = damage_kind(spec.source) == "context"
+                if spec.source == MEASURED or searched or in_context:
                     key["search"] = {"generations": o.search_generations} if searched else {}
                     key["search"]["nsamples"] = o.damage_nsamples
-                    if damage_kind(spec.source) == "context":
+                    if in_context:
                         key["search"]["radii"] = list(TRUST_RADII)
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
                                     lambda ctx, sp=spec, m=method, s=sparsity: _cell(ctx, sp, m, s)))
