@@ -277,3 +277,33 @@ def test_context_damage_is_one_table_per_sparsity(setup):
         assert abs(float(N @ np.array(list(cell["ratios"].values())) / N.sum()) - s) < 1e-6
         tried = cell["decision"]["search"]  # the trust radius was chosen on calibration KL among those tried
         assert cell["decision"]["fitness"] == min(v for _, v in tried) and cell["decision"]["radius"] in [r for r, _ in tried]
+
+
+def test_fitness_windows_apart_from_the_damage_windows(setup):
+    """--fitness-nsamples sets the windows of the searches' fitness (atp's step, +refine) without
+    touching the damage curves' windows; changing it reruns the searched cells and nothing else."""
+    tmp, kw = setup
+    opts = {k: v for k, v in kw.items() if k != "log"}
+    common = dict(damage_levels=[0.25, 0.5, 0.75], damage_nsamples=2, search_generations=2, **opts)
+    rules = ["mdl:damage", "mdl:damage+refine", "atp"]
+    res, _ = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], fitness_nsamples=4, **common),
+                               tmp / "fit")
+    assert json.loads((tmp / "fit" / "damage" / "wanda.json").read_text())["calibration"]["nsamples"] == 2
+    by = {c.label: c for c in res.cells}
+    assert by["atp"].decision["fitness_windows"] == 4 and by["mdl:damage+refine"].decision["fitness_windows"] == 4
+    assert "fitness_windows" not in by["mdl:damage"].decision  # the program alone searches nothing
+    _, again = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], fitness_nsamples=3, **common),
+                                 tmp / "fit")
+    assert sorted(again.ran) == ["cell:atp_wanda_s0.50", "cell:mdl-damage-refine_wanda_s0.50"]
+    with pytest.raises(LayercapError, match="fitness_nsamples must lie in"):
+        PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], fitness_nsamples=5, **common)
+
+
+def test_fitness_nsamples_flag_needs_a_search(setup, capsys):
+    from layercap.cli import main
+
+    tmp, kw = setup
+    code = main(["compare-pruning", str(tmp / "m"), "--rules", "uniform", "mdl:damage", "--fitness-nsamples", "3",
+                 "--data", str(kw["data"]), "--ppl", str(kw["ppl"][0]), "-o", str(tmp / "x")])
+    assert code == 2 and "--fitness-nsamples: ignored" in capsys.readouterr().err
+    assert not (tmp / "x").exists()

@@ -40,6 +40,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--damage-nsamples", type=int, default=None, metavar="N",
                    help="calibration windows KL is measured on by mdl:damage's curves and the atp / evopress searches "
                    "(the first N; default all --nsamples; the pruners always use all)")
+    p.add_argument("--fitness-nsamples", type=int, default=None, metavar="N",
+                   help="calibration windows the searches' KL fitness reads (atp's step, evopress and +refine, "
+                   "mdl:context's trust radius; the first N; default: as --damage-nsamples). Each candidate costs "
+                   "one partial pass over them")
     p.add_argument("--search-generations", type=int, default=20, metavar="G", help="evopress generations (default 20)")
     p.add_argument("--data", metavar="PATH", help="calibration text (file or directory), shared by scores and pruners (required)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -89,6 +93,10 @@ def main(args) -> int:
         refuse_ignored(args, {"damage_nsamples": "--damage-nsamples"},
                        "without an mdl:damage, mdl:obd, atp or evopress rule (the windows KL is measured on)",
                        "drop it or add such a rule")
+    if not searches and "atp" not in args.rules and not any(damage_kind(s) == "context" for s in sources):
+        refuse_ignored(args, {"fitness_nsamples": "--fitness-nsamples"},
+                       "without an atp, evopress, +refine or mdl:context rule (the searches' fitness)",
+                       "drop it or add such a rule")
     if not searches:
         refuse_ignored(args, {"search_generations": "--search-generations"}, "without the evopress rule or a +refine rule",
                        "drop it or add --rules evopress (or mdl:damage+refine)")
@@ -99,7 +107,8 @@ def main(args) -> int:
         nsamples=args.nsamples, seqlen=args.seqlen, start_token=args.start_token, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
         eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens, batch_size=args.batch_size, min_ratio=args.min_ratio,
         max_ratio=args.max_ratio, seed=args.seed, dtype=args.dtype, device=args.device, bos=args.bos,
-        damage_levels=args.damage_levels, damage_nsamples=args.damage_nsamples, search_generations=args.search_generations,
+        damage_levels=args.damage_levels, damage_nsamples=args.damage_nsamples, fitness_nsamples=args.fitness_nsamples,
+        search_generations=args.search_generations,
         progress=not args.quiet), flags={"sparsities": "--sparsity", "model": "MODEL"})
     result, summary = run_pruning_sweep(options, args.output, log=lambda msg: print(msg, file=sys.stderr))
     print(result.markdown())

@@ -50,8 +50,9 @@ from layercap.programs.rules import DAMAGE_COLUMNS, DAMAGE_SOURCES, MEASURED, RE
 from layercap.report.pruning_table import cell_id
 
 RUN_FILE = "run.json"
-# what a searched rule's ratios record about its search, kept in the cell (atp's steps, mdl:context's radii)
-DECISION_KEYS = ("search", "fitness", "radius")
+# what a searched rule's ratios record about its search, kept in the cell (atp's steps, mdl:context's
+# radii, the windows its fitness read)
+DECISION_KEYS = ("search", "fitness", "radius", "fitness_windows")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class PruningSweepOptions:
     start_token: int = 0
     damage_levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     damage_nsamples: int | None = None
+    fitness_nsamples: int | None = None
     search_generations: int = 20
     progress: bool = True
 
@@ -104,6 +106,9 @@ class PruningSweepOptions:
         self.damage_levels = check_levels(self.damage_levels, "damage_levels")
         if self.damage_nsamples is not None and not (1 <= self.damage_nsamples <= self.nsamples):
             raise LayercapError(f"damage_nsamples must lie in [1, nsamples = {self.nsamples}], got {self.damage_nsamples}.")
+        if self.fitness_nsamples is not None and not (2 <= self.fitness_nsamples <= self.nsamples):
+            raise LayercapError(f"fitness_nsamples must lie in [2, nsamples = {self.nsamples}] (the searches screen on 2 "
+                                f"windows), got {self.fitness_nsamples}.")
         if self.search_generations < 1:
             raise LayercapError(f"search_generations must be >= 1, got {self.search_generations}.")
         if len({s.label for s in specs}) != len(specs):
@@ -207,7 +212,7 @@ def plan(sw: _Sweep) -> list[Stage]:
                 in_context = damage_kind(spec.source) == "context"
                 if spec.source == MEASURED or searched or in_context:
                     key["search"] = {"generations": o.search_generations} if searched else {}
-                    key["search"]["nsamples"] = o.damage_nsamples
+                    key["search"]["nsamples"] = _fitness_nsamples(o)
                     if in_context:
                         key["search"]["radii"] = list(TRUST_RADII)
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
@@ -231,15 +236,35 @@ def _damage_rel(kind: str, method: str, sparsity: float | None = None) -> str:
     return f"damage/{method}.json" if kind == "damage" else f"damage/obd-{method}.json"
 
 
-def _measure_calib(sw: _Sweep):
-    """The calibration windows KL is measured on (damage curves, atp's step, evopress's fitness):
-    the first ``damage_nsamples`` windows, or all of them. The pruners always see all windows."""
+def _first_windows(calib, n: int | None):
+    """The first ``n`` windows of ``calib`` (all of them when None), as a CalibrationSet of its own."""
     from layercap.data.calibration import CalibrationSet
 
-    n, calib = sw.options.damage_nsamples, sw.calib
     if n is None:
         return calib
     return CalibrationSet(calib.input_ids[:n], calib.sha256 + f"[:{n}]", calib.source, calib.seed, calib.bos)
+
+
+def _measure_calib(sw: _Sweep):
+    """The calibration windows the damage curves measure KL on: the first ``damage_nsamples``
+    windows, or all of them. The pruners always see all windows."""
+    return _first_windows(sw.calib, sw.options.damage_nsamples)
+
+
+def _fitness_nsamples(o: PruningSweepOptions) -> int | None:
+    """Windows the searches' fitness reads (None: all): ``fitness_nsamples``, else the damage curves'."""
+    return o.fitness_nsamples if o.fitness_nsamples is not None else o.damage_nsamples
+
+
+def _fitness_calib(sw: _Sweep):
+    """The windows of the searches' fitness (atp's step, evopress / +refine, the trust radius). More
+    windows cost more per candidate but rank configurations more reliably (results/pruning: 'Is the
+    fitness the problem?')."""
+    return _first_windows(sw.calib, _fitness_nsamples(sw.options))
+
+
+def _fitness_windows(sw: _Sweep) -> int:
+    return int(_fitness_calib(sw).input_ids.shape[0])
 
 
 def _damage(sw: _Sweep, kind: str, method: str, sparsity: float | None = None) -> list[str]:
@@ -312,9 +337,10 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
         if kind == "context":  # the program in a trust region around the operating point, radius by calibration KL
             from layercap.apply.prune.search import KLFitness, trust_region_search
 
-            with KLFitness(copy.deepcopy(sw.model), _measure_calib(sw), method, batch_size=o.batch_size) as fit:
+            with KLFitness(copy.deepcopy(sw.model), _fitness_calib(sw), method, batch_size=o.batch_size) as fit:
                 ratios = trust_region_search(fit, table, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio,
                                              rule=f"{spec.rule}:{kind}")
+            ratios.metadata["fitness_windows"] = _fitness_windows(sw)
         else:
             ratios = ratios_from_damage(table, sparsity, source=DAMAGE_COLUMNS[kind],
                                         min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=f"{spec.rule}:{kind}")
@@ -323,8 +349,10 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
         if spec.rule == "atp":
             from layercap.apply.prune.search import KLFitness, atp_search
 
-            with KLFitness(copy.deepcopy(sw.model), _measure_calib(sw), method, batch_size=o.batch_size) as fit:
-                return atp_search(fit, names, params, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
+            with KLFitness(copy.deepcopy(sw.model), _fitness_calib(sw), method, batch_size=o.batch_size) as fit:
+                ratios = atp_search(fit, names, params, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
+            ratios.metadata["fitness_windows"] = _fitness_windows(sw)
+            return ratios
         return _search(sw, PruningRatios.uniform(names, params, sparsity), method)
     scores = prunable_scores(LayerScores.load(sw.out / f"scores/{spec.source}.json"), dict(zip(names, params)))
     return ratios_by_rule(spec.rule, scores, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
@@ -336,9 +364,11 @@ def _search(sw: _Sweep, start, method: str, rule: str | None = None):
     from layercap.apply.prune.search import evolve_ratios
 
     o = sw.options
-    return evolve_ratios(copy.deepcopy(sw.model), _measure_calib(sw), start, method=method, rule=rule,
-                         min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
-                         progress=o.progress, batch_size=o.batch_size)
+    ratios = evolve_ratios(copy.deepcopy(sw.model), _fitness_calib(sw), start, method=method, rule=rule,
+                           min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
+                           progress=o.progress, batch_size=o.batch_size)
+    ratios.metadata["fitness_windows"] = _fitness_windows(sw)
+    return ratios
 
 
 def _decision_seconds(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> float:

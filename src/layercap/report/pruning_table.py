@@ -47,7 +47,7 @@ class CellResult:
     warnings: list[str] = field(default_factory=list)
     settings_sha256: str | None = None  # the shared settings the cell was computed with (None: written before they were recorded)
     decision_seconds: float | None = None  # wall time of the rule's decision: its scores / damage stage plus program or search
-    decision: dict = field(default_factory=dict)  # what a searched rule tried: "search" [[x, calibration KL]], "fitness", "radius"
+    decision: dict = field(default_factory=dict)  # what a searched rule tried: "search" [[x, calibration KL]], "fitness", "radius", "fitness_windows"
 
     @property
     def label(self) -> str:
