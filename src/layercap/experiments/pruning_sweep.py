@@ -50,9 +50,8 @@ from layercap.programs.rules import DAMAGE_COLUMNS, DAMAGE_SOURCES, MEASURED, RE
 from layercap.report.pruning_table import cell_id
 
 RUN_FILE = "run.json"
-# what a searched rule's ratios record about its search, kept in the cell (atp's steps, mdl:context's
-# radii, the windows its fitness read)
-DECISION_KEYS = ("search", "fitness", "radius", "fitness_windows")
+# what a searched rule's ratios record about its search, kept in the cell (atp's steps, mdl:context's radii)
+DECISION_KEYS = ("search", "fitness", "radius")
 
 
 @dataclass
@@ -263,10 +262,6 @@ def _fitness_calib(sw: _Sweep):
     return _first_windows(sw.calib, _fitness_nsamples(sw.options))
 
 
-def _fitness_windows(sw: _Sweep) -> int:
-    return int(_fitness_calib(sw).input_ids.shape[0])
-
-
 def _damage(sw: _Sweep, kind: str, method: str, sparsity: float | None = None) -> list[str]:
     """The damage table of ``method`` pruning: measured KL per (block, level), OBD estimates only, or
     (``context``) the measured KL increase with every other block pruned uniformly at ``sparsity``
@@ -340,7 +335,6 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
             with KLFitness(copy.deepcopy(sw.model), _fitness_calib(sw), method, batch_size=o.batch_size) as fit:
                 ratios = trust_region_search(fit, table, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio,
                                              rule=f"{spec.rule}:{kind}")
-            ratios.metadata["fitness_windows"] = _fitness_windows(sw)
         else:
             ratios = ratios_from_damage(table, sparsity, source=DAMAGE_COLUMNS[kind],
                                         min_ratio=o.min_ratio, max_ratio=o.max_ratio, rule=f"{spec.rule}:{kind}")
@@ -350,9 +344,7 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
             from layercap.apply.prune.search import KLFitness, atp_search
 
             with KLFitness(copy.deepcopy(sw.model), _fitness_calib(sw), method, batch_size=o.batch_size) as fit:
-                ratios = atp_search(fit, names, params, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
-            ratios.metadata["fitness_windows"] = _fitness_windows(sw)
-            return ratios
+                return atp_search(fit, names, params, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
         return _search(sw, PruningRatios.uniform(names, params, sparsity), method)
     scores = prunable_scores(LayerScores.load(sw.out / f"scores/{spec.source}.json"), dict(zip(names, params)))
     return ratios_by_rule(spec.rule, scores, sparsity, min_ratio=o.min_ratio, max_ratio=o.max_ratio)
@@ -364,11 +356,9 @@ def _search(sw: _Sweep, start, method: str, rule: str | None = None):
     from layercap.apply.prune.search import evolve_ratios
 
     o = sw.options
-    ratios = evolve_ratios(copy.deepcopy(sw.model), _fitness_calib(sw), start, method=method, rule=rule,
-                           min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
-                           progress=o.progress, batch_size=o.batch_size)
-    ratios.metadata["fitness_windows"] = _fitness_windows(sw)
-    return ratios
+    return evolve_ratios(copy.deepcopy(sw.model), _fitness_calib(sw), start, method=method, rule=rule,
+                         min_ratio=o.min_ratio, max_ratio=o.max_ratio, generations=o.search_generations,
+                         progress=o.progress, batch_size=o.batch_size)
 
 
 def _decision_seconds(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> float:
@@ -388,6 +378,9 @@ def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]
     t_decide = time.perf_counter()
     ratios = _ratios(sw, spec, method, sparsity)
     decision = time.perf_counter() - t_decide + _decision_seconds(sw, spec, method, sparsity)
+    tried = {k: ratios.metadata[k] for k in DECISION_KEYS if k in (ratios.metadata or {})}
+    if "fitness" in tried:  # every search records its best fitness; say how many windows it read
+        tried["fitness_windows"] = int(_fitness_calib(sw).input_ids.shape[0])
     dense = EvalResult.load(sw.out / "cells" / "dense.json")
     pruned = copy.deepcopy(sw.model)
     t0 = time.perf_counter()
@@ -398,7 +391,7 @@ def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]
     cell = CellResult(spec.rule, spec.source, method, float(sparsity), float(report.achieved), ratios.ratios(), ev,
                       t1 - t0, time.perf_counter() - t1, list(getattr(ratios, "warnings", []) or []),
                       settings_sha256=sha256_json(sw.settings), decision_seconds=decision,
-                      decision={k: ratios.metadata[k] for k in DECISION_KEYS if k in (ratios.metadata or {})})
+                      decision=tried)
     rel = f"cells/{cell_id(spec, method, sparsity)}.json"
     atomic_write_json(sw.out / rel, cell.to_dict())
     sw.log(f"{cell_id(spec, method, sparsity)}: ppl {', '.join(f'{v.ppl:.2f}' for v in ev.ppl.values())}; "
