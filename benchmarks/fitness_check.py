@@ -3,7 +3,8 @@
 For finished compare-pruning cells (same model, pruner and sparsity) this prunes the dense model
 at each cell's ratios *sequentially*, exactly as the cell was pruned, on the first ``--windows``
 calibration windows of the sweep's settings, and prints the mean KL(p_dense || p_pruned) on those
-windows next to the cell's held-out perplexities. Calibration data only; nothing is written.
+windows (`calibration_fidelity`, what the sweep's `fit:` stages measure on all windows) next to the
+cell's held-out perplexities. Calibration data only; nothing is written.
 
     OMP_NUM_THREADS=1 python benchmarks/fitness_check.py results/pruning --method wanda --sparsity 0.7 \\
         --windows 32 --rules mdl-obd-refine mdl-obd atp mdl-context
@@ -12,11 +13,10 @@ windows next to the cell's held-out perplexities. Calibration data only; nothing
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
-
-import torch
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", nargs="+", required=True, help="cell file prefixes, e.g. mdl-obd atp uniform")
     args = ap.parse_args(argv)
 
-    from layercap.apply.prune import prune_model
+    from layercap.apply.prune import calibration_fidelity, prune_model
     from layercap.data.calibration import CalibrationSet, calibration_set
     from layercap.models import load_model
 
@@ -39,19 +39,13 @@ def main(argv=None) -> int:
     n = args.windows
     calib = CalibrationSet(calib.input_ids[:n], calib.sha256 + f"[:{n}]", calib.source, calib.seed, calib.bos)
 
-    def log_probs(m):
-        with torch.no_grad():
-            return torch.cat([torch.log_softmax(m(input_ids=b).logits[:, :-1].float(), -1) for b in calib.input_ids.split(8)])
-
-    dense = log_probs(model)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
     for rule in args.rules:
         cell = json.loads((args.run_dir / "cells" / f"{rule}_{args.method}_s{args.sparsity:.2f}.json").read_text())
         t0 = time.perf_counter()
-        prune_model(model, cell["ratios"], args.method, calib, progress=False, batch_size=8)
-        q = log_probs(model)
-        model.load_state_dict(original)
-        kl = float((dense.exp() * (dense - q)).sum(-1).mean())
+        pruned = copy.deepcopy(model)
+        prune_model(pruned, cell["ratios"], args.method, calib, progress=False, batch_size=8)
+        kl = calibration_fidelity(model, pruned, calib, batch_size=8).kl
+        del pruned
         ppl = " / ".join(f"{v['ppl']:.1f}" for v in cell["eval"]["ppl"].values())
         print(f"{rule}: KL {kl:.4f} nats/token on {n} windows; held-out ppl {ppl}; {time.perf_counter() - t0:.0f} s", flush=True)
     return 0

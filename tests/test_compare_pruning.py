@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from layercap.errors import LayercapError
 from layercap.experiments.pruning_sweep import PruningSweepOptions, run_pruning_sweep
@@ -90,6 +91,15 @@ def test_run_resume_and_outputs(setup, monkeypatch):
     prune_model(pruned, mdl.ratios, method="wanda", calib=calib, batch_size=4, progress=False)
     ppl = perplexity(pruned, tok, kw["ppl"][0], seqlen=64, max_tokens=200, progress=False)
     assert mdl.eval.ppl["text.txt"].ppl == pytest.approx(ppl.ppl, rel=1e-6)
+    # its calibration KL, by a hand loop over the same windows: mean over predicted positions
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=calib.input_ids).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(pruned(input_ids=calib.input_ids).logits[:, :-1].double(), -1)
+    hand = float((p.exp() * (p - q)).sum(-1).mean())
+    assert hand > 1e-4 and mdl.calibration_kl == pytest.approx(hand, rel=1e-3)  # float32 log-softmax
+    fid = json.loads((out / "fidelity" / "mdl-diag_wanda_s0.50.json").read_text())
+    assert fid["windows"] == 4 and fid["tokens"] == 4 * 31
+    assert fid["dense_nll"] < fid["nll"]
 
     # outputs: json round trip, csv rows, markdown rows
     back = Comparison.load(out / "comparison.json")
@@ -107,17 +117,18 @@ def test_run_resume_and_outputs(setup, monkeypatch):
     real = prune_pkg.prune_model
     monkeypatch.setattr(prune_pkg, "prune_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = run_comparison(str(tmp / "m"), ["uniform", "mdl:diag", "owl"], ["wanda"], [0.5], out, **kw)
-    assert len(calls) == 1 and [c.label for c in again.cells] == ["uniform", "mdl:diag", "owl"]
+    assert len(calls) == 2 and [c.label for c in again.cells] == ["uniform", "mdl:diag", "owl"]  # owl's cell and fit
     assert again.cells[1].to_dict() == mdl.to_dict()
 
     # the same plan again: nothing reruns
     opts = {k: v for k, v in kw.items() if k != "log"}
     _, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["uniform", "mdl:diag"], ["wanda"], [0.5], **opts), out)
-    assert summary.ran == [] and len(summary.skipped) == 4
+    assert summary.ran == [] and len(summary.skipped) == 6
     # other calibration windows: scores and cells rerun, the dense evaluation does not
     _, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["uniform", "mdl:diag"], ["wanda"], [0.5],
                                                        **{**opts, "nsamples": 6}), out)
-    assert summary.ran == ["scores:diag", "cell:uniform_wanda_s0.50", "cell:mdl-diag_wanda_s0.50"]
+    assert summary.ran == ["scores:diag", "cell:uniform_wanda_s0.50", "fit:uniform_wanda_s0.50", "cell:mdl-diag_wanda_s0.50",
+                           "fit:mdl-diag_wanda_s0.50"]
     assert summary.skipped == ["dense"]
     # only the cells of the latest settings are collected (the owl cell of nsamples 4 is not)
     from layercap.experiments.pruning_sweep import collect
@@ -177,6 +188,51 @@ def test_report_only_collects_finished_cells(setup, tmp_path):
     assert (out / "comparison.md").read_text().count("| uniform | magnitude |") == 2
     assert main(["compare-pruning", str(tmp / "m"), "-o", str(tmp / "none"), "--report-only"]) == 2
     assert main(["compare-pruning", str(tmp / "m"), "-o", str(tmp / "none2"), "--ppl", str(kw["ppl"][0])]) == 2  # no --data
+
+    # the fit files: every cell's calibration KL is collected; one from other ratios is ignored,
+    # a damaged one is refused naming the file (and --report-only writes nothing new)
+    assert all(c.calibration_kl is not None and c.calibration_kl > 0 for c in got.cells)
+    fit = out / "fidelity" / "mdl-diag_magnitude_s0.50.json"
+    doc = json.loads(fit.read_text())
+    fit.write_text(json.dumps({**doc, "ratios_sha256": "0" * 64}))
+    assert [c.calibration_kl is None for c in collect(out).cells] == [False, True, False]
+    fit.write_text(json.dumps({**doc, "kl": float("nan")}))
+    with pytest.raises(LayercapError, match="mdl-diag_magnitude_s0.50.json.*finite"):
+        collect(out)
+    before = (out / "comparison.md").read_text()
+    assert main(["compare-pruning", str(tmp / "m"), "-o", str(out), "--report-only"]) == 2
+    assert (out / "comparison.md").read_text() == before
+    fit.write_text(json.dumps({**doc, "schema": "other/v1"}))
+    with pytest.raises(LayercapError, match="schema"):
+        collect(out)
+
+
+def test_calibration_fidelity_by_hand():
+    """The dense model against itself: KL 0 and equal NLL; against a perturbed copy: the hand-computed
+    mean over predicted positions, in any batch size."""
+    from layercap.apply.prune import calibration_fidelity
+    from layercap.data.calibration import CalibrationSet
+    from layercap.models.tiny import build_tiny
+
+    model, _ = build_tiny("llama", num_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (5, 9), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(ids, "x", "hand", 0)
+    same = calibration_fidelity(model, model, calib, batch_size=2)
+    assert same.kl == pytest.approx(0.0, abs=1e-6) and same.nll == pytest.approx(same.dense_nll)
+    assert (same.tokens, same.windows) == (5 * 8, 5)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        lp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
+        lq = torch.log_softmax(other(input_ids=ids).logits[:, :-1].double(), -1)
+    hand_kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    hand_nll = float(-lq.gather(-1, ids[:, 1:, None]).mean())
+    for bs in (1, 3, 8):
+        got = calibration_fidelity(model, other, calib, batch_size=bs)
+        assert got.kl == pytest.approx(hand_kl, rel=1e-3) and got.nll == pytest.approx(hand_nll, rel=1e-4)
+    with pytest.raises(LayercapError, match="batch_size"):
+        calibration_fidelity(model, other, calib, batch_size=0)
 
 
 def test_measured_rules_on_the_same_budget(setup):
@@ -252,6 +308,22 @@ def test_standings_by_hand():
     assert low_b["verdict"] == "wins" and low_b["vs_uniform"] == pytest.approx(0.9)
     md = Comparison({}, ev(a=1.0, b=1.0), cells).standings_markdown()
     assert md.count("\n| wanda |") == 4 and "| ties |" in md
+    assert a["pick"] is None and "pick" not in md  # no calibration KL measured: no pick
+
+    # the pick is chosen on calibration KL alone: mdl:damage (0.3) over mdl:obd (0.5) though obd evaluates better
+    for c, kl in zip(cells[:6], [0.9, 0.6, 0.4, 0.5, 0.3, 2.0]):
+        c.calibration_kl = kl
+    comp = Comparison({}, ev(a=1.0, b=1.0), cells)
+    rows = {(r["sparsity"], r["text"]): r for r in comp.standings()}
+    a, b = rows[(0.7, "a")], rows[(0.7, "b")]
+    assert (a["pick"], a["pick_ppl"], a["pick_verdict"]) == ("mdl:damage", 50.0, "wins")  # 50 vs atp 60
+    assert a["pick_vs_uniform"] == pytest.approx(0.5) and a["best_layercap"] == "mdl:obd"
+    assert (b["pick"], b["pick_verdict"]) == ("mdl:damage", "loses") and b["pick_vs_peer"] == pytest.approx(1.5)
+    # KL (0.9, 0.6, 0.4, 0.5, 0.3, 2.0) against ppl on text a (100, 80, 60, 45, 50, 300): scipy.stats.spearmanr 0.828571
+    assert a["kl_spearman"] == pytest.approx(0.8285714, abs=1e-6)
+    assert rows[(0.5, "a")]["pick"] is None  # no KL at 50 %
+    md = comp.standings_markdown()
+    assert "Layercap's pick" in md and md.count("| mdl:damage | 0.3000 |") == 2
 
 
 def test_context_damage_is_one_table_per_sparsity(setup):
@@ -267,7 +339,7 @@ def test_context_damage_is_one_table_per_sparsity(setup):
     assert set(table["metadata"]["context"]["ratios"].values()) == {0.5}
     assert table["metadata"]["context"]["kl"] > 0 and len(table["metadata"]["context"]["kl_block_dense"]) == 3
     _, again = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["mdl:context"], ["wanda"], [0.5, 0.6], **common), tmp / "ctx")
-    assert sorted(again.ran) == ["cell:mdl-context_wanda_s0.60", "context:wanda:s0.60"]
+    assert sorted(again.ran) == ["cell:mdl-context_wanda_s0.60", "context:wanda:s0.60", "fit:mdl-context_wanda_s0.60"]
     from layercap.models import find_blocks, load_model
 
     model, _ = load_model(str(tmp / "m"))
@@ -294,7 +366,7 @@ def test_fitness_windows_apart_from_the_damage_windows(setup):
     assert "fitness_windows" not in by["mdl:damage"].decision  # the program alone searches nothing
     _, again = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], fitness_nsamples=3, **common),
                                  tmp / "fit")
-    assert sorted(again.ran) == ["cell:atp_wanda_s0.50", "cell:mdl-damage-refine_wanda_s0.50"]
+    assert sorted(n for n in again.ran if n.startswith("cell:")) == ["cell:atp_wanda_s0.50", "cell:mdl-damage-refine_wanda_s0.50"]
     with pytest.raises(LayercapError, match="fitness_nsamples must lie in"):
         PruningSweepOptions(str(tmp / "m"), rules, ["wanda"], [0.5], fitness_nsamples=5, **common)
 
@@ -307,3 +379,27 @@ def test_fitness_nsamples_flag_needs_a_search(setup, capsys):
                  "--data", str(kw["data"]), "--ppl", str(kw["ppl"][0]), "-o", str(tmp / "x")])
     assert code == 2 and "--fitness-nsamples: ignored" in capsys.readouterr().err
     assert not (tmp / "x").exists()
+
+
+def test_per_linear_rules_on_the_same_budget(setup):
+    """mdl:obd-linear / mdl:damage-linear: a ratio per Linear from tables with a row per Linear;
+    the budget is met exactly weighted by each Linear's weights, and the pruned model has those
+    ratios module by module. A search from them is refused (the searches move whole blocks)."""
+    from layercap.apply.prune.damage import prunable_units
+    from layercap.models import find_blocks, load_model
+
+    tmp, kw = setup
+    opts = {k: v for k, v in kw.items() if k != "log"}
+    res, summary = run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["mdl:obd-linear", "mdl:damage-linear"], ["wanda"], [0.6],
+                                                         damage_levels=[0.3, 0.6, 0.9], damage_nsamples=2, **opts), tmp / "lin")
+    assert {"obd-linear:wanda", "damage-linear:wanda"} <= set(summary.ran)
+    assert (tmp / "lin" / "damage" / "wanda-linear.json").is_file() and (tmp / "lin" / "damage" / "obd-wanda-linear.json").is_file()
+    model, _ = load_model(str(tmp / "m"))
+    units = prunable_units(find_blocks(model), "linear")
+    N = np.array([u.params for u in units], float)
+    for c in res.cells:
+        rho = np.array([c.ratios[u.name] for u in units])
+        assert abs(float(N @ rho / N.sum()) - 0.6) < 1e-6 and rho.std() > 1e-3  # not one ratio per block
+        assert c.achieved == pytest.approx(0.6, abs=0.01) and c.calibration_kl > 0
+    with pytest.raises(LayercapError, match="'obd-linear\\+refine' is not available"):
+        PruningSweepOptions(str(tmp / "m"), ["mdl:obd-linear+refine"], ["wanda"], [0.6], **opts)

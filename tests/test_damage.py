@@ -82,6 +82,39 @@ def test_damage_equals_hand_computed_loss_difference(tiny, method):
     assert table.cost["forward_s"] > 0 and table.cost["per_eval_forward_equivalents"] > 0
 
 
+@torch.no_grad()
+def test_linear_units_equal_hand_computed_loss_difference(tiny):
+    """A row per Linear: its KL is the hand loss difference of pruning that module alone, and its
+    OBD estimates sum over the block's Linears to the block row's (Wanda masks from dense inputs)."""
+    from layercap.apply.prune.damage import prunable_units
+
+    calib, levels = _calib(), [0.3, 0.6]
+    curv = curvature_stats(tiny, calib, ("diag", "kfac"))
+    lin = damage_curves(tiny, calib, levels, "wanda", batch_size=3, progress=False, curvature=curv, units="linear")
+    blk = damage_curves(tiny, calib, levels, "wanda", batch_size=3, progress=False, curvature=curv)
+    blocks = find_blocks(tiny)
+    units = prunable_units(blocks, "linear")
+    assert lin.blocks == [u.name for u in units] and len(units) == 7 * len(blocks)
+    assert lin.blocks[0] == "model.layers.0.self_attn.q_proj" and lin.metadata["units"] == "linear"
+    assert sum(lin.params) == sum(blk.params) and lin.cost["evaluations"] == len(units) * len(levels)
+    for kind in ("diag", "kfac"):
+        per_block = np.array(lin.obd[kind]).reshape(len(blocks), 7, len(levels)).sum(1)
+        np.testing.assert_allclose(per_block, np.array(blk.obd[kind]), rtol=1e-9)
+    ids = calib.input_ids
+    dense = torch.log_softmax(tiny(input_ids=ids).logits[:, :-1].double(), -1)
+    for i in (0, 9, 20):  # q_proj of block 0, v_proj of block 1, down_proj of block 2
+        for j, level in enumerate(levels):
+            copy_ = copy.deepcopy(tiny)
+            prune_model(copy_, {lin.blocks[i]: level}, "wanda", calib, progress=False, batch_size=4)
+            logq = torch.log_softmax(copy_(input_ids=ids).logits[:, :-1].double(), -1)
+            kl = (dense.exp() * (dense - logq)).sum(-1).mean().item()
+            assert kl > 0 and lin.kl[i][j] == pytest.approx(kl, rel=1e-4, abs=1e-9)
+    with pytest.raises(LayercapError, match="units"):
+        damage_curves(tiny, calib, levels, "wanda", progress=False, units="row")
+    with pytest.raises(LayercapError, match="per block"):
+        damage_curves(tiny, calib, levels, "wanda", progress=False, units="linear", context={u.name: 0.5 for u in blocks})
+
+
 def test_resume_after_interruption_gives_the_same_table(tiny, tmp_path, monkeypatch):
     import layercap.apply.prune.damage as dmg
 

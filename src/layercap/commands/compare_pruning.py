@@ -34,7 +34,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="ratio rules: uniform, owl, alphapruning, layerif, atp, evopress, mdl-paper, mdl:SOURCE (SOURCE = a "
                    "score method: diag, kfac, ekfac, gradnorm, exact..., or damage / obd: the convex program on measured "
                    "KL / second-order damage curves; context: the same program on the KL increase measured with every other block pruned uniformly at the target (one table per sparsity); damage+refine / obd+refine: that program's ratios refined by the evopress "
-                   "search for --search-generations); default uniform owl alphapruning mdl:kfac")
+                   "search for --search-generations; damage-linear / obd-linear: the program on tables with a row, and a "
+                   "ratio, per Linear); default uniform owl alphapruning mdl:kfac")
     p.add_argument("--damage-levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                    metavar="RHO", help="ratios at which mdl:damage / mdl:obd / mdl:context measure each block (default 0.1 .. 0.9)")
     p.add_argument("--damage-nsamples", type=int, default=None, metavar="N",

@@ -28,6 +28,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                    metavar="RHO", help="pruning ratios in [0, 1), increasing (default 0.1 ... 0.9)")
     p.add_argument("--structure", default="unstructured", choices=("unstructured", "2:4", "4:8"), help="sparsity structure")
+    p.add_argument("--units", default="block", choices=("block", "linear"),
+                   help="a row per decoder block (default) or per Linear, as EvoPress does (about 7x the cost on Llama "
+                        "blocks); the rules mdl:damage-linear / mdl:obd-linear of compare-pruning read the latter")
     p.add_argument("--data", required=True, metavar="PATH", help="calibration text (file or directory)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
@@ -83,6 +86,8 @@ def _validate(args) -> None:
     from layercap.io import check_output_file
     from layercap.models.checks import check_device
 
+    if args.context is not None and args.units != "block":
+        raise LayercapError("--context measures per block; drop --units linear, or --context.")
     if not args.obd:
         refuse_ignored(args, {"fisher": "--fisher"}, "without --obd (the Fisher labels of the OBD estimates)",
                        "drop it or add --obd diag")
@@ -130,11 +135,12 @@ def main(args) -> int:
         blocks = find_blocks(model)
         return damage_curves(model, calib, args.levels, args.method, structure=args.structure, blocks=blocks,
                              batch_size=args.batch_size, curvature=curvature, checkpoint=partial,
-                             progress=not args.quiet, model_id=args.model, context=_context(args.context, blocks))
+                             progress=not args.quiet, model_id=args.model, context=_context(args.context, blocks),
+                             units=args.units)
 
     table, out = measure_resumable(args, measure)
     c = table.cost
-    print(f"damage ({table.method}): {len(table.blocks)} blocks x {len(table.levels)} levels on {c['tokens']} tokens; "
+    print(f"damage ({table.method}): {len(table.blocks)} {args.units}s x {len(table.levels)} levels on {c['tokens']} tokens; "
           f"dense NLL {table.dense_nll:.4f}; {c['wall_s']:.1f} s = {c['forward_equivalents']:.1f} forward passes "
           f"({c['per_eval_forward_equivalents'] or 0:.3f} per (block, level) evaluation)")
     for kind, rhos in table.agreement.items():

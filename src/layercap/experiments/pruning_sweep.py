@@ -9,6 +9,8 @@ evaluated once as the reference (it also decides which tasks are "above chance",
     dense                  cells/dense.json          the dense model's evaluation
     scores:<source>        scores/<source>.json      layer scores of the dense model
     cell:<id>              cells/<id>.json           e.g. cell:mdl-kfac_wanda_s0.50
+    fit:<id>               fidelity/<id>.json        the cell's pruned model against the dense one on
+                                                     the calibration windows (layercap's pick)
 
 A stage's cache key holds everything it depends on (calibration windows, evaluation settings and
 files, the rule, pruner and sparsity, its upstream artefacts), so a rerun computes exactly what
@@ -24,7 +26,8 @@ convex-damage program on the KL measured when each block alone is pruned, stage
 ``damage:<pruner>`` -> ``damage/<pruner>.json``), ``mdl:obd`` (the same program on the free
 second-order estimate, stage ``obd:<pruner>``), ``atp`` (arithmetic progression over depth, its
 slope chosen on calibration KL) and ``evopress`` (level-switch search from uniform on
-calibration KL). Every rule's ratios are weighted by each block's *prunable* weights and meet
+calibration KL); ``mdl:damage-linear`` / ``mdl:obd-linear`` run the program on tables with a row
+(and give a ratio) per Linear. Every rule's ratios are weighted by each block's *prunable* weights and meet
 the target sparsity exactly within the same box [min_ratio, max_ratio]; each cell records the
 wall seconds of its rule's decision (scores or damage stage plus program or search).
 """
@@ -46,7 +49,8 @@ from layercap.io import atomic_write_json, read_json, sha256_json
 
 HINT = "It may be damaged; delete it to recompute, or choose a new -o."
 from layercap.programs.damage import TRUST_RADII
-from layercap.programs.rules import DAMAGE_COLUMNS, DAMAGE_SOURCES, MEASURED, REFINE, RuleSpec, damage_kind, is_refined, parse_rule
+from layercap.programs.rules import (DAMAGE_COLUMNS, DAMAGE_SOURCES, LINEAR_SOURCES, MEASURED, REFINE, RuleSpec, damage_kind,
+                                     is_refined, parse_rule, table_units)
 from layercap.report.pruning_table import cell_id
 
 RUN_FILE = "run.json"
@@ -100,7 +104,7 @@ class PruningSweepOptions:
 
         from layercap.programs.damage import check_levels
 
-        known = available_methods() + list(DAMAGE_SOURCES) + [k + REFINE for k in DAMAGE_SOURCES]
+        known = available_methods() + list(DAMAGE_SOURCES) + [k + REFINE for k in DAMAGE_SOURCES] + list(LINEAR_SOURCES)
         specs = [parse_rule(r, "pruning", known_sources=known) for r in self.rules]
         self.damage_levels = check_levels(self.damage_levels, "damage_levels")
         if self.damage_nsamples is not None and not (1 <= self.damage_nsamples <= self.nsamples):
@@ -194,7 +198,7 @@ def plan(sw: _Sweep) -> list[Stage]:
         key = {**calib_key, "source": source, "seed": o.seed}
         stages.append(Stage(f"scores:{source}", lambda ctx, k=key: k, lambda ctx, src=source: _scores(ctx, src)))
     damage_key = {**calib_key, "levels": o.damage_levels, "nsamples": o.damage_nsamples}
-    for kind in [k for k in DAMAGE_SOURCES if any(damage_kind(s.source) == k for s in o.specs)]:
+    for kind in [k for k in DAMAGE_SOURCES + LINEAR_SOURCES if any(damage_kind(s.source) == k for s in o.specs)]:
         for method in o.methods:
             for sparsity in (o.sparsities if kind == "context" else [None]):  # a context table per operating point
                 key = {**damage_key, "kind": kind, "method": method, **({"sparsity": sparsity} if sparsity else {})}
@@ -216,6 +220,10 @@ def plan(sw: _Sweep) -> list[Stage]:
                         key["search"]["radii"] = list(TRUST_RADII)
                 stages.append(Stage(f"cell:{cid}", lambda ctx, k=key, u=ups: {**k, "upstream": ctx.runner.upstream(*u)},
                                     lambda ctx, sp=spec, m=method, s=sparsity: _cell(ctx, sp, m, s)))
+                # keyed on the ratios, not the cell file: a cell re-evaluated at the same ratios keeps its fit
+                stages.append(Stage(f"fit:{cid}", lambda ctx, k=calib_key, c=cid, m=method: {
+                    **k, "method": m, "ratios_sha256": sha256_json(_cell_file(ctx, c).ratios)},
+                    lambda ctx, c=cid, m=method: _fidelity(ctx, c, m)))
     return stages
 
 
@@ -232,7 +240,9 @@ def _source_files(spec: RuleSpec, method: str, sparsity: float) -> list[str]:
 def _damage_rel(kind: str, method: str, sparsity: float | None = None) -> str:
     if kind == "context":
         return f"damage/context-{method}-s{sparsity:.2f}.json"
-    return f"damage/{method}.json" if kind == "damage" else f"damage/obd-{method}.json"
+    base, units = table_units(kind)
+    tail = "" if units == "block" else f"-{units}"
+    return f"damage/{method}{tail}.json" if base == "damage" else f"damage/obd-{method}{tail}.json"
 
 
 def _first_windows(calib, n: int | None):
@@ -276,8 +286,9 @@ def _damage(sw: _Sweep, kind: str, method: str, sparsity: float | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     partial = path.with_name(path.name + ".partial")
-    table = damage_table(sw.model, calib, kind, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
-                         checkpoint=partial, model_id=str(o.model), context=context, context_calib=sw.calib)
+    base, units = table_units(kind)
+    table = damage_table(sw.model, calib, base, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
+                         checkpoint=partial, model_id=str(o.model), context=context, context_calib=sw.calib, units=units)
     table.save(path)
     partial.unlink(missing_ok=True)  # the finished table replaces it
     sw.log(f"{kind}:{method}: {time.perf_counter() - t0:.1f} s")
@@ -326,9 +337,11 @@ def _ratios(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float):
         return PruningRatios.uniform(names, params, sparsity)
     kind = damage_kind(spec.source)
     if kind:
+        from layercap.apply.prune.damage import prunable_units
         from layercap.programs.damage import load_for, ratios_from_damage
 
-        table = load_for(sw.out / _damage_rel(kind, method, sparsity), names, params)
+        units = prunable_units(blocks, table_units(kind)[1])  # a row per block, or per Linear
+        table = load_for(sw.out / _damage_rel(kind, method, sparsity), [u.name for u in units], [u.params for u in units])
         if kind == "context":  # the program in a trust region around the operating point, radius by calibration KL
             from layercap.apply.prune.search import KLFitness, trust_region_search
 
@@ -399,6 +412,58 @@ def _cell(sw: _Sweep, spec: RuleSpec, method: str, sparsity: float) -> list[str]
     return [rel]
 
 
+FIDELITY_SCHEMA = "layercap.cell_fidelity/v1"
+
+
+def _fidelity_rel(cid: str) -> str:
+    return f"fidelity/{cid}.json"
+
+
+def _cell_file(sw: _Sweep, cid: str):
+    from layercap.report.pruning_table import CellResult
+
+    return CellResult.from_dict(read_json(sw.out / f"cells/{cid}.json", "comparison cell", HINT))
+
+
+def _fidelity(sw: _Sweep, cid: str, method: str) -> list[str]:
+    """The cell's pruned model (pruned again at its ratios, on all calibration windows, as the
+    cell was) against the dense model on those windows: the evaluation-free quantity by which the
+    standings choose among layercap's rules. Costs one pruning plus two forwards of the windows."""
+    from layercap.apply.prune import calibration_fidelity, prune_model
+
+    o = sw.options
+    cell = _cell_file(sw, cid)
+    pruned = copy.deepcopy(sw.model)
+    t0 = time.perf_counter()
+    prune_model(pruned, cell.ratios, method=method, calib=sw.calib, batch_size=o.batch_size, progress=False)
+    t1 = time.perf_counter()
+    fit = calibration_fidelity(sw.model, pruned, sw.calib, batch_size=o.batch_size)
+    del pruned
+    rel = _fidelity_rel(cid)
+    atomic_write_json(sw.out / rel, {"schema": FIDELITY_SCHEMA, "cell": cid, "method": method,
+                                     "ratios_sha256": sha256_json(cell.ratios), **fit.to_dict(),
+                                     "prune_seconds": t1 - t0, "seconds": time.perf_counter() - t0})
+    sw.log(f"{cid}: calibration KL {fit.kl:.4f} nats/token on {fit.windows} windows")
+    return [rel]
+
+
+def _attach_fidelity(out: Path, cells: list) -> None:
+    """Set each cell's ``calibration_kl`` from fidelity/<id>.json when that file measured the
+    cell's current ratios (a file left from other ratios is ignored until its stage reruns)."""
+    from layercap.apply.prune.fidelity import Fidelity
+    from layercap.report.pruning_table import cell_id
+
+    for c in cells:
+        path = out / _fidelity_rel(cell_id(RuleSpec(c.rule, c.source, "pruning"), c.method, c.sparsity))
+        if not path.is_file():
+            continue
+        doc = read_json(path, "cell fidelity", HINT)
+        if doc.get("schema") != FIDELITY_SCHEMA:
+            raise LayercapError(f"{path}: schema {doc.get('schema')!r} is not {FIDELITY_SCHEMA!r}. {HINT}")
+        if doc.get("ratios_sha256") == sha256_json(c.ratios):
+            c.calibration_kl = Fidelity.from_dict(doc, str(path)).kl
+
+
 def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
                       log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)):
     """Run (or resume) every stage; write OUTDIR/comparison.{json,csv,md,png}; return the
@@ -438,6 +503,7 @@ def run_pruning_sweep(options: PruningSweepOptions, outdir: str | Path,
     atomic_write_json(out / RUN_FILE, {"settings": settings, "settings_sha256": sha256_json(settings)})
     cells = [CellResult.from_dict(read_json(out / f"cells/{s.name[len('cell:'):]}.json", "comparison cell", HINT))
              for s in stages if s.name.startswith("cell:")]
+    _attach_fidelity(out, cells)
     result = Comparison(settings, EvalResult.load(out / "cells" / "dense.json"), cells)
     write_outputs(result, out)
     return result, summary
@@ -463,6 +529,7 @@ def collect(outdir: str | Path):
         cell = CellResult.from_dict(read_json(f, "comparison cell", HINT))
         if cell.settings_sha256 in (None, current):  # None: a cell written before settings were recorded per cell
             cells.append(cell)
+    _attach_fidelity(outdir, cells)
     pruner_order = {m: i for i, m in enumerate(PRUNERS)}
     cells.sort(key=lambda c: (c.sparsity, pruner_order.get(c.method, 99), RULE_ORDER.get(c.rule, 99), c.label))
     return Comparison(run["settings"], EvalResult.load(dense_file), cells)

@@ -74,6 +74,12 @@ MEASURED = "measured"
 DAMAGE_SOURCES = ("damage", "obd", "context")
 # the table column each damage source's program reads
 DAMAGE_COLUMNS = {"damage": "kl", "obd": "obd-diag", "context": "kl"}
+# per-Linear variants of the measured sources (mdl:damage-linear, mdl:obd-linear): a table row and a
+# ratio per Linear, EvoPress's granularity, on the same budget. The pruning sweep runs them; the
+# main job's rules are the per-block ones.
+LINEAR = "-linear"
+LINEAR_SOURCES = ("damage" + LINEAR, "obd" + LINEAR)
+DAMAGE_COLUMNS.update({k + LINEAR: DAMAGE_COLUMNS[k] for k in ("damage", "obd")})
 # a damage source with this suffix (mdl:damage+refine): the program's ratios are the start of the
 # EvoPress-style search on calibration KL (the sweep runs it; layercap.apply.prune.search)
 REFINE = "+refine"
@@ -87,7 +93,12 @@ def is_refined(source: str | None) -> bool:
 def damage_kind(source: str | None) -> str | None:
     """The damage table a source reads ("damage" for ``damage`` and ``damage+refine``), or None."""
     base = source[: -len(REFINE)] if is_refined(source) else source
-    return base if base in DAMAGE_SOURCES else None
+    return base if base in DAMAGE_SOURCES + LINEAR_SOURCES else None
+
+
+def table_units(kind: str) -> tuple[str, str]:
+    """(the damage kind a table is measured as, its units): ``obd-linear`` -> (``obd``, ``linear``)."""
+    return (kind[: -len(LINEAR)], "linear") if kind.endswith(LINEAR) else (kind, "block")
 
 
 # the source of the concave-utility allocation program (mdl:measured): a utility table measured by

@@ -7,6 +7,7 @@
 - plan:       user ratios (per block / per module) -> one ratio per Linear, validated
 - sequential: ``prune_model``, block-by-block calibrated pruning of a whole model
 - report:     ``PruningReport`` (schema ``layercap.pruning/v1``)
+- fidelity:   a pruned model's KL to its dense original on calibration windows
 """
 
 from layercap.apply.prune.masks import (
@@ -20,6 +21,7 @@ from layercap.apply.prune.masks import (
     smallest_k_mask,
     wanda_scores,
 )
+from layercap.apply.prune.fidelity import Fidelity, calibration_fidelity
 from layercap.apply.prune.plan import check_ratio_values, module_ratios
 from layercap.apply.prune.pruners import PRUNERS, Pruner, get_pruner, register_pruner
 from layercap.apply.prune.report import METHODS, PRUNING_SCHEMA, BlockSparsity, ModuleSparsity, PruningReport
@@ -33,5 +35,5 @@ __all__ = [
     "parse_structure", "check_ratio_values", "module_ratios",
     "sparsegpt_prune", "hessian_factor", "InputStats", "attach_input_stats",
     "BlockCall", "capture_block_calls", "prune_linear", "prune_model",
-    "PruningReport", "ModuleSparsity", "BlockSparsity",
+    "PruningReport", "ModuleSparsity", "BlockSparsity", "Fidelity", "calibration_fidelity",
 ]

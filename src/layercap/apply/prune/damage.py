@@ -224,6 +224,33 @@ def _obd(curv: Curvature, block: Block, delta: dict[str, torch.Tensor]) -> dict[
     return out
 
 
+# ---- the units ----------------------------------------------------------------------------
+UNITS = ("block", "linear")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one row of a damage table prunes: the Linears ``rels`` of block ``block`` (index),
+    ``params`` weights in all, named ``name`` (the block's name, or the Linear's full name)."""
+
+    block: int
+    name: str
+    rels: tuple[str, ...]
+    params: int
+
+
+def prunable_units(blocks: Sequence[Block], units: str = "block") -> list[Unit]:
+    """The rows of a damage table in ``units``: one per block (every Linear of it at one ratio) or,
+    as EvoPress does, one per Linear (``model.layers.3.mlp.down_proj``; the pruners take full module
+    names as well as block names)."""
+    if units not in UNITS:
+        raise LayercapError(f"units {units!r} is unknown; use one of {', '.join(UNITS)}.")
+    if units == "block":
+        return [Unit(k, b.name, tuple(b.linears), int(b.num_prunable)) for k, b in enumerate(blocks)]
+    return [Unit(k, f"{b.name}.{rel}", (rel,), int(linear_weight(m).numel()))
+            for k, b in enumerate(blocks) for rel, m in b.linears.items()]
+
+
 # ---- the pass -----------------------------------------------------------------------------
 def _calibration_record(calib: CalibrationSet) -> dict[str, Any]:
     n, seqlen = calib.input_ids.shape
@@ -267,8 +294,13 @@ def damage_curves(
     model_id: str | None = None,
     context: Mapping[str, float] | None = None,
     context_calib: CalibrationSet | None = None,
+    units: str = "block",
 ) -> DamageTable:
     """The damage table of ``model`` on ``calib`` (see module docstring); the model is unchanged.
+
+    ``units``: ``block`` (a row per block, every Linear of it pruned at the level) or ``linear``
+    (a row per Linear, the rest of its block dense: 7x the rows on Llama blocks, each rerun from
+    the same block input, so about 7x the cost; :func:`prunable_units`).
 
     ``context``: block name -> ratio of the operating point the curves are measured at (every
     block named; see the module docstring), pruned with ``context_calib`` (default ``calib``);
@@ -290,8 +322,11 @@ def damage_curves(
         raise LayercapError("nothing to do: measure=False needs curvature statistics (--obd diag/kfac).")
     t_start = time.perf_counter()
     blocks = blocks if blocks is not None else find_blocks(model)
-    K, L = len(blocks), len(levels)
+    unit_list = prunable_units(blocks, units)
+    K, L, U = len(blocks), len(levels), len(unit_list)
     ctx_record = None
+    if context is not None and units != "block":
+        raise LayercapError("damage in context is measured per block; drop --units linear, or the context.")
     if context is not None:
         context = _check_context(context, blocks)
         if curvature is not None or not measure:
@@ -302,21 +337,21 @@ def damage_curves(
     was_training = model.training
     model.eval()
     table = DamageTable(
-        model=model_id or str(model_source(model)), method=method, structure=structure, blocks=[b.name for b in blocks],
-        params=[int(b.num_prunable) for b in blocks], levels=levels, kl=[[None] * L for _ in range(K)],
-        dnll=[[None] * L for _ in range(K)], obd={k: [[0.0] * L for _ in range(K)] for k in (curvature.kinds if curvature else [])},
+        model=model_id or str(model_source(model)), method=method, structure=structure, blocks=[u.name for u in unit_list],
+        params=[u.params for u in unit_list], levels=levels, kl=[[None] * L for _ in range(U)],
+        dnll=[[None] * L for _ in range(U)], obd={k: [[0.0] * L for _ in range(U)] for k in (curvature.kinds if curvature else [])},
         calibration=_calibration_record(calib), complete=False,
-        metadata={"batch_size": batch_size, "measured": measure, "blocksize": blocksize, "percdamp": percdamp,
+        metadata={"batch_size": batch_size, "measured": measure, "blocksize": blocksize, "percdamp": percdamp, "units": units,
                   **({"context": ctx_record} if ctx_record is not None else {})},
     )
-    done = np.zeros((K, L), dtype=bool)
+    done = np.zeros((U, L), dtype=bool)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     prior_s = 0.0
     if checkpoint is not None and checkpoint.is_file():
         old = DamageTable.load(checkpoint)
         _check_resume(old, table, checkpoint)
         table.kl, table.dnll, table.obd, table.dense_nll = old.kl, old.dnll, old.obd, old.dense_nll
-        done = np.array(old.metadata.get("done", np.zeros((K, L), dtype=bool).tolist()), dtype=bool).reshape(K, L)
+        done = np.array(old.metadata.get("done", np.zeros((U, L), dtype=bool).tolist()), dtype=bool).reshape(U, L)
         if ctx_record is not None:
             ctx_record = table.metadata["context"] = old.metadata["context"]
         prior_s = float(old.cost.get("wall_s", 0.0))
@@ -364,10 +399,11 @@ def damage_curves(
         setup_s = time.perf_counter() - t_setup
         eval_s = mask_s = 0.0
         evaluations = 0
-        bar = tqdm(total=K * L, initial=int(done.sum()), desc=f"damage ({method})", file=sys.stderr,
+        bar = tqdm(total=U * L, initial=int(done.sum()), desc=f"damage ({method})", file=sys.stderr,
                    disable=not progress, unit="eval")
         for k, block in enumerate(blocks):
-            if done[k].all():
+            rows = [i for i, u in enumerate(unit_list) if u.block == k]
+            if done[rows].all():
                 continue
             tm = time.perf_counter()
             active = dict(block.linears)
@@ -403,35 +439,39 @@ def damage_curves(
                     ctx_record["kl_block_dense"][k], ctx_record["dnll_block_dense"][k] = kl0, nll0 - table.dense_nll
                     eval_s += time.perf_counter() - te
                     evaluations += 1
-                for jl, level in enumerate(levels):
-                    if done[k, jl]:
-                        continue
-                    tm = time.perf_counter()
-                    for rel, m in active.items():
+                for i in rows:
+                    unit = {rel: active[rel] for rel in unit_list[i].rels}
+                    for jl, level in enumerate(levels):
+                        if done[i, jl]:
+                            continue
+                        tm = time.perf_counter()
+                        for rel, m in unit.items():
+                            linear_weight(m).copy_(originals[rel])
+                            prune_linear(m, level, method, nm, stats.get(rel), blocksize, percdamp, factors.get(rel))
+                        if curvature is not None:
+                            delta = {rel: linear_weight(m).detach() - originals[rel] for rel, m in unit.items()}
+                            for kind, value in _obd(curvature, block, delta).items():
+                                table.obd[kind][i][jl] = value
+                            del delta
+                        mask_s += time.perf_counter() - tm
+                        if measure:
+                            te = time.perf_counter()
+                            kl, nll = measure_from(k)
+                            if ctx_record is None:
+                                table.kl[i][jl], table.dnll[i][jl] = kl, nll - table.dense_nll
+                            else:  # the increase over block k dense in the same context (block units: i == k)
+                                table.kl[i][jl] = kl - ctx_record["kl_block_dense"][k]
+                                table.dnll[i][jl] = nll - table.dense_nll - ctx_record["dnll_block_dense"][k]
+                            eval_s += time.perf_counter() - te
+                            evaluations += 1
+                        done[i, jl] = True
+                        bar.update(1)
+                        if checkpoint is not None:
+                            table.metadata["done"] = done.tolist()
+                            table.cost = {"wall_s": prior_s + time.perf_counter() - t_start}
+                            table.save(checkpoint)
+                    for rel, m in unit.items():  # the next unit of this block sees this one as it was
                         linear_weight(m).copy_(originals[rel])
-                        prune_linear(m, level, method, nm, stats.get(rel), blocksize, percdamp, factors.get(rel))
-                    if curvature is not None:
-                        delta = {rel: linear_weight(m).detach() - originals[rel] for rel, m in active.items()}
-                        for kind, value in _obd(curvature, block, delta).items():
-                            table.obd[kind][k][jl] = value
-                        del delta
-                    mask_s += time.perf_counter() - tm
-                    if measure:
-                        te = time.perf_counter()
-                        kl, nll = measure_from(k)
-                        if ctx_record is None:
-                            table.kl[k][jl], table.dnll[k][jl] = kl, nll - table.dense_nll
-                        else:  # the increase over block k dense in the same context
-                            table.kl[k][jl] = kl - ctx_record["kl_block_dense"][k]
-                            table.dnll[k][jl] = nll - table.dense_nll - ctx_record["dnll_block_dense"][k]
-                        eval_s += time.perf_counter() - te
-                        evaluations += 1
-                    done[k, jl] = True
-                    bar.update(1)
-                    if checkpoint is not None:
-                        table.metadata["done"] = done.tolist()
-                        table.cost = {"wall_s": prior_s + time.perf_counter() - t_start}
-                        table.save(checkpoint)
             finally:
                 for rel, m in active.items():
                     linear_weight(m).copy_(restore[rel])
@@ -468,11 +508,13 @@ def damage_curves(
 def damage_table(model: nn.Module, calib: CalibrationSet, kind: str, levels: Sequence[float] = DEFAULT_LEVELS,
                  method: str = "wanda", *, structure: str = "unstructured", batch_size: int = 4,
                  checkpoint: str | Path | None = None, progress: bool = True, model_id: str | None = None,
-                 context: Mapping[str, float] | None = None, context_calib: CalibrationSet | None = None) -> DamageTable:
+                 context: Mapping[str, float] | None = None, context_calib: CalibrationSet | None = None,
+                 units: str = "block") -> DamageTable:
     """The table a damage rule reads: ``damage`` = the KL measured when each block alone is pruned
     (resumable from ``checkpoint``), ``obd`` = its free second-order estimate only (diagonal Fisher,
     no pruned forward passes), ``context`` = the measured KL increase at the operating point
-    ``context`` (block -> ratio, pruned on ``context_calib``; resumable). The model is unchanged."""
+    ``context`` (block -> ratio, pruned on ``context_calib``; resumable). ``units="linear"``: a
+    row per Linear instead of per block (``damage`` and ``obd``). The model is unchanged."""
     from layercap.programs.rules import DAMAGE_SOURCES
 
     if kind not in DAMAGE_SOURCES:
@@ -482,6 +524,6 @@ def damage_table(model: nn.Module, calib: CalibrationSet, kind: str, levels: Seq
     if kind == "obd":
         curv = curvature_stats(model, calib, ("diag",), batch_size=batch_size)
         return damage_curves(model, calib, levels, method, structure=structure, curvature=curv, measure=False,
-                             batch_size=batch_size, progress=progress, model_id=model_id)
+                             batch_size=batch_size, progress=progress, model_id=model_id, units=units)
     return damage_curves(model, calib, levels, method, structure=structure, batch_size=batch_size, progress=progress,
-                         checkpoint=checkpoint, model_id=model_id, context=context, context_calib=context_calib)
+                         checkpoint=checkpoint, model_id=model_id, context=context, context_calib=context_calib, units=units)
