@@ -312,6 +312,11 @@ def test_measured_pruning_rules_in_the_main_job(data_root, tmp_path):
     md = (run_dir / "report.md").read_text()
     assert "**Best rule: `" in md and "report_files/damage-obd.png" in md and "report_files/damage-damage.png" in md
     assert (run_dir / "eval/mdl-obd.json").is_file()
+    # each pruned variant's calibration KL, and the report's pick by it (no evaluation data)
+    kl = {r: _json(run_dir / f"pruned/{r}.json")["calibration"]["kl"] for r in ("mdl-obd", "uniform")}
+    assert all(v > 0 for v in kl.values())
+    pick = "mdl:obd" if kl["mdl-obd"] <= kl["uniform"] else "uniform"  # ties: the first applied rule
+    assert f"the pick is `{pick}` (`mdl:obd` {kl['mdl-obd']:.4f}, `uniform` {kl['uniform']:.4f} nats/token)" in md
     again = run_pipeline(_config(data_root, *few), run_dir)
     assert again.ran == ["report"] or again.ran == []
 

@@ -441,7 +441,14 @@ def measured_sparsity(ctx: RunContext, model) -> list[dict[str, Any]]:
 
 
 def stage_prune(ctx: RunContext, rule: str) -> list[str]:
+    from layercap.apply.prune import calibration_fidelity
+
     model, tokenizer, report_doc, ratios = _prune_in_memory(ctx, rule)
+    dense, _ = load_run_model(ctx, with_tokenizer=False)
+    # the pruned model's KL to the dense one on the calibration windows: how the report picks a rule
+    # without evaluation data
+    fidelity = calibration_fidelity(dense, model, load_calibration(ctx), batch_size=ctx.config.scoring.batch_size)
+    del dense
     layers = measured_sparsity(ctx, model)
     for layer, target in zip(layers, ratios.layers):
         layer["target"] = float(target.ratio)
@@ -460,6 +467,7 @@ def stage_prune(ctx: RunContext, rule: str) -> list[str]:
         "schema": PRUNED_SCHEMA, "rule": rule, "method": ctx.config.pruning.method, "structure": ctx.config.pruning.structure,
         "checkpoint": f"pruned/{rule_file(rule)}" if ctx.config.pruning.save_checkpoints else None,
         "sparsity": sum(l["zeros"] for l in layers) / max(1, total), "layers": layers, "report": report_doc,
+        "calibration": fidelity.to_dict(),
     })
     return outputs + [f"pruned/{rule_file(rule)}.json"]
 

@@ -122,6 +122,14 @@ def winner(run: RunData) -> tuple[str, str] | None:
     others = ", ".join(f"`{v}` {fmt_ppl(e['perplexity'][corpus])}" for v, e in pruned.items() if v != best)
     text = (f"**Best rule: `{best}`**, perplexity {fmt_ppl(pruned[best]['perplexity'][corpus])} on `{corpus}`"
             + (f" (others: {others})" if others else "") + ", all at the same sparsity with the same pruner.")
+    kl = {v: run.pruned.get(v, {}).get("calibration", {}).get("kl") for v in pruned}
+    kl = {v: x for v, x in kl.items() if x is not None}
+    if kl:
+        pick = min(kl, key=kl.get)
+        text += (f" Chosen without evaluation data, by the pruned model's KL to the dense one on the calibration "
+                 f"windows, the pick is `{pick}` ({', '.join(f'`{v}` {x:.4f}' for v, x in kl.items())} nats/token)"
+                 + (", the same rule." if pick == best else
+                    f", not `{best}`: the calibration KL and `{corpus}` disagree."))
     return best, text
 
 
