@@ -28,9 +28,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
                    metavar="RHO", help="pruning ratios in [0, 1), increasing (default 0.1 ... 0.9)")
     p.add_argument("--structure", default="unstructured", choices=("unstructured", "2:4", "4:8"), help="sparsity structure")
-    p.add_argument("--units", default="block", choices=("block", "linear"),
-                   help="a row per decoder block (default) or per Linear, as EvoPress does (about 7x the cost on Llama "
-                        "blocks); the rules mdl:damage-linear / mdl:obd-linear of compare-pruning read the latter")
+    p.add_argument("--units", default="block", choices=("block", "linear"), help="a row per decoder block (default) or "
+                   "per Linear, as EvoPress does (~7x the cost; read by mdl:damage-linear / mdl:obd-linear)")
     p.add_argument("--data", required=True, metavar="PATH", help="calibration text (file or directory)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
@@ -86,8 +85,6 @@ def _validate(args) -> None:
     from layercap.io import check_output_file
     from layercap.models.checks import check_device
 
-    if args.context is not None and args.units != "block":
-        raise LayercapError("--context measures per block; drop --units linear, or --context.")
     if not args.obd:
         refuse_ignored(args, {"fisher": "--fisher"}, "without --obd (the Fisher labels of the OBD estimates)",
                        "drop it or add --obd diag")
@@ -135,8 +132,7 @@ def main(args) -> int:
         blocks = find_blocks(model)
         return damage_curves(model, calib, args.levels, args.method, structure=args.structure, blocks=blocks,
                              batch_size=args.batch_size, curvature=curvature, checkpoint=partial,
-                             progress=not args.quiet, model_id=args.model, context=_context(args.context, blocks),
-                             units=args.units)
+                             progress=not args.quiet, model_id=args.model, context=_context(args.context, blocks), units=args.units)
 
     table, out = measure_resumable(args, measure)
     c = table.cost

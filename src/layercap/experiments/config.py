@@ -75,7 +75,7 @@ class PruningRuleSpecs:
     convex-damage program on measured or second-order damage curves). Iterates like a tuple."""
 
     def names(self) -> tuple[str, ...]:
-        return tuple(_rules.PRUNING_RULES) + tuple(f"mdl:{k}" for k in _rules.DAMAGE_SOURCES)
+        return tuple(_rules.PRUNING_RULES) + tuple(f"mdl:{k}" for k in _rules.DAMAGE_SOURCES + _rules.LINEAR_SOURCES)
 
     def __iter__(self):
         return iter(self.names())
@@ -170,7 +170,8 @@ class PruningConfig:
     scores: str = _f("score source of the `mdl` ratio rule", choices=SCORE_METHODS, default="kfac")
     rules: list = _f("ratio rules to compute at the same sparsity (`mdl`: the paper's zeta^2 program; `mdl:obd` / "
                      "`mdl:damage`: the convex program on second-order / measured damage curves; `mdl:context`: on curves measured "
-                     "with every other block pruned at the target)", kind="list",
+                     "with every other block pruned at the target; `-linear`: a ratio per Linear from tables with a row per "
+                     "Linear)", kind="list",
                      choices=RATIO_RULES, default_factory=lambda: ["mdl:obd", "mdl", "uniform", "owl", "alphapruning"])
     apply: list = _f("ratio rules actually pruned and evaluated (subset of `rules`)", kind="list", choices=RATIO_RULES,
                      default_factory=lambda: ["mdl:obd", "uniform"])

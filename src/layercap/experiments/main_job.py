@@ -311,12 +311,12 @@ def _pruning_spec(ctx: RunContext, rule: str):
 
 
 def ratios_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
-    from layercap.programs.rules import DAMAGE_SOURCES, MEASURED
+    from layercap.programs.rules import DAMAGE_SOURCES, LINEAR_SOURCES, MEASURED
 
     p = ctx.config.pruning
     fields_ = {k: getattr(p, k) for k in ("sparsity", "mode", "eta", "min_ratio", "max_ratio")}
     spec = _pruning_spec(ctx, rule)
-    if spec.source in DAMAGE_SOURCES:
+    if spec.source in DAMAGE_SOURCES + LINEAR_SOURCES:
         upstream = ctx.runner.upstream(f"damage/{spec.source}.json")
         if spec.source == "context":  # its trust radius is chosen on the pruned model's calibration KL
             from layercap.programs.damage import TRUST_RADII
@@ -332,13 +332,20 @@ def ratios_inputs(ctx: RunContext, rule: str) -> dict[str, Any]:
 
 
 def stage_ratios(ctx: RunContext, rule: str) -> list[str]:
-    from layercap.programs.rules import DAMAGE_COLUMNS, DAMAGE_SOURCES, MEASURED, ratios_by_rule
+    from layercap.programs.rules import DAMAGE_COLUMNS, DAMAGE_SOURCES, LINEAR_SOURCES, MEASURED, ratios_by_rule
 
     p = ctx.config.pruning
     spec = _pruning_spec(ctx, rule)
     blocks = read_json(ctx.path("model.json"))["blocks"]
     names, params = [b["name"] for b in blocks], [b["prunable"] for b in blocks]
-    if spec.source in DAMAGE_SOURCES:
+    if spec.source in LINEAR_SOURCES:  # a ratio per Linear: the table's rows are the model's Linears
+        from layercap.apply.prune.damage import prunable_units
+
+        model, _ = load_run_model(ctx, with_tokenizer=False)
+        units = prunable_units(find_run_blocks(ctx, model), "linear")
+        names, params = [u.name for u in units], [u.params for u in units]
+        del model
+    if spec.source in DAMAGE_SOURCES + LINEAR_SOURCES:
         from layercap.programs.damage import load_for, ratios_from_damage
 
         table = load_for(ctx.path(f"damage/{spec.source}.json"), names, params)
@@ -385,6 +392,7 @@ def stage_damage(ctx: RunContext, kind: str) -> list[str]:
     is pruned (``damage``), the free second-order (OBD, diagonal Fisher) estimate (``obd``), or the
     KL increase measured with every other block pruned uniformly at ``pruning.sparsity`` (``context``)."""
     from layercap.apply.prune.damage import damage_table
+    from layercap.programs.rules import table_units
 
     p = ctx.config.pruning
     model, _ = load_run_model(ctx, with_tokenizer=False)
@@ -394,9 +402,10 @@ def stage_damage(ctx: RunContext, kind: str) -> list[str]:
     if kind == "context":
         blocks = read_json(ctx.path("model.json"))["blocks"]
         context = {b["name"]: float(p.sparsity) for b in blocks}
-    table = damage_table(model, load_calibration(ctx), kind, p.damage_levels, p.method, structure=p.structure,
+    base, units = table_units(kind)
+    table = damage_table(model, load_calibration(ctx), base, p.damage_levels, p.method, structure=p.structure,
                          batch_size=ctx.config.scoring.batch_size, checkpoint=str(ctx.path(rel)) + ".partial",
-                         model_id=ctx.config.model.spec, context=context)
+                         model_id=ctx.config.model.spec, context=context, units=units)
     table.save(ctx.path(rel))
     return [rel]
 
@@ -450,8 +459,8 @@ def stage_prune(ctx: RunContext, rule: str) -> list[str]:
     fidelity = calibration_fidelity(dense, model, load_calibration(ctx), batch_size=ctx.config.scoring.batch_size)
     del dense
     layers = measured_sparsity(ctx, model)
-    for layer, target in zip(layers, ratios.layers):
-        layer["target"] = float(target.ratio)
+    for layer, target in zip(layers, ratios.block_rho([l["name"] for l in layers])):  # per-Linear rules: weighted mean
+        layer["target"] = float(target)
     total = sum(l["prunable"] for l in layers)
     outputs = []
     if ctx.config.pruning.save_checkpoints:
@@ -615,9 +624,9 @@ def plan(config: PipelineConfig) -> list[Stage]:
 
 def damage_kinds(config: PipelineConfig) -> list[str]:
     """The damage tables the pruning rules read (``mdl:damage`` -> damage, ``mdl:obd`` -> obd)."""
-    from layercap.programs.rules import DAMAGE_SOURCES
+    from layercap.programs.rules import DAMAGE_SOURCES, LINEAR_SOURCES
 
-    return [k for k in DAMAGE_SOURCES if f"mdl:{k}" in config.pruning.rules]
+    return [k for k in DAMAGE_SOURCES + LINEAR_SOURCES if f"mdl:{k}" in config.pruning.rules]
 
 
 def eval_variants(config: PipelineConfig) -> list[str]:

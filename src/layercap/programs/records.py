@@ -293,6 +293,18 @@ class PruningRatios:
     def ratios(self) -> dict[str, float]:
         return {l.name: float(l.ratio) for l in self.layers}
 
+    def block_rho(self, blocks: Sequence[str]) -> np.ndarray:
+        """(len(blocks),) ratio of each block: its own, or the weight-weighted mean of its Linears'
+        when the layers are Linear modules (``model.layers.3.mlp.down_proj`` belongs to
+        ``model.layers.3``). A block no layer names gets 0 (left dense)."""
+        rho, N = self.rho, self.params.astype(np.float64)
+        out = np.zeros(len(blocks))
+        for b, name in enumerate(blocks):
+            mine = np.array([n == name or n.startswith(name + ".") for n in self.names])
+            if mine.any():
+                out[b] = float(N[mine] @ rho[mine] / max(N[mine].sum(), 1.0))
+        return out
+
     def __len__(self) -> int:
         return len(self.layers)
 

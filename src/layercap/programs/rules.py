@@ -75,8 +75,7 @@ DAMAGE_SOURCES = ("damage", "obd", "context")
 # the table column each damage source's program reads
 DAMAGE_COLUMNS = {"damage": "kl", "obd": "obd-diag", "context": "kl"}
 # per-Linear variants of the measured sources (mdl:damage-linear, mdl:obd-linear): a table row and a
-# ratio per Linear, EvoPress's granularity, on the same budget. The pruning sweep runs them; the
-# main job's rules are the per-block ones.
+# ratio per Linear, EvoPress's granularity, on the same budget (compare-pruning and the main job).
 LINEAR = "-linear"
 LINEAR_SOURCES = ("damage" + LINEAR, "obd" + LINEAR)
 DAMAGE_COLUMNS.update({k + LINEAR: DAMAGE_COLUMNS[k] for k in ("damage", "obd")})

@@ -233,15 +233,20 @@ def report_blocks(run: RunData, title: str) -> list:
         p_cfg = cfg["pruning"]
         blocks.append(Heading("Pruning ratios"))
         measured = {r: np.array([l["sparsity"] for l in d["layers"]]) for r, d in run.pruned.items()}
-        blocks.append(Figure("ratios", plot_bars({r: p.rho for r, p in run.ratios.items()}, "ratio rho_k",
+        names = [b["name"] for b in run.model["blocks"]]
+        per_block = {r: p.block_rho(names) for r, p in run.ratios.items()}  # per-Linear rules: weighted mean per block
+        blocks.append(Figure("ratios", plot_bars(per_block, "ratio rho_k",
                                                  f"Per-block pruning ratios at {p_cfg['sparsity']:.0%} sparsity", markers=measured),
                              caption="Target ratio per block by rule; black ticks: sparsity measured in the pruned model."))
         rows = [[rule, f"{p.achieved:.4f}", f"{p.rho.min():.3f}", f"{p.rho.max():.3f}", str(p.clipped),
                  "; ".join(p.warnings) or "-"] for rule, p in run.ratios.items()]
         blocks.append(Table(["rule", "achieved", "min", "max", "clipped", "warnings"], rows))
         for kind, table in run.damage.items():
-            source, what = ("obd-diag", "second-order (OBD, diagonal Fisher) estimate of the KL") if kind == "obd" \
-                else ("kl", "KL to the dense model, measured")
+            from layercap.programs.rules import DAMAGE_COLUMNS
+
+            source = DAMAGE_COLUMNS[kind]
+            what = ("second-order (OBD, diagonal Fisher) estimate of the KL" if source == "obd-diag"
+                    else "KL to the dense model, measured")
             blocks.append(Figure(f"damage-{kind}", plot_heatmap(table.values(source), table.blocks, table.levels,
                                                                 f"Damage of pruning one block alone ({table.method})",
                                                                 "nats / token"),
@@ -255,7 +260,7 @@ def report_blocks(run: RunData, title: str) -> list:
     rows = []
     for i, b in enumerate(run.model["blocks"]):
         row = [b["name"], f"{b['params']:,}"] + [f"{s.q[i]:.4f}" for s in run.scores.values()]
-        row += [f"{a.n[i]:g}" for a in run.allocations.values()] + [f"{p.rho[i]:.3f}" for p in run.ratios.values()]
+        row += [f"{a.n[i]:g}" for a in run.allocations.values()] + [f"{p.block_rho([b['name']])[0]:.3f}" for p in run.ratios.values()]
         rows.append(row)
     blocks.append(Details(f"Per-block table ({k} blocks; decision scores: {dec})", [Table(headers, rows)]))
 
