@@ -20,7 +20,7 @@ def test_embedded_default_lists_every_field_and_loads():
     assert config.model.spec == "smollm2"
     assert config.scoring.methods[:3] == ["gradnorm", "diag", "kfac"]
     assert config.allocation.budget == 120 and config.allocation.lower == 1
-    assert config.pruning.sparsity == 0.5 and config.pruning.apply == ["mdl:obd", "uniform"]
+    assert config.pruning.sparsity == 0.5 and config.pruning.apply == ["mdl:obd-linear", "uniform"]
 
 
 def test_roundtrip_through_dict_and_yaml(tmp_path):

@@ -18,7 +18,7 @@ SMALL = [
     "model.device=cpu",
     "data.nsamples=2", "data.seqlen=64",
     "scoring.methods=[diag,owl]", "allocation.scores=diag", "pruning.scores=diag",
-    "allocation.rules=[mdl,uniform,mola-2468]", "pruning.rules=[mdl:obd,mdl,uniform,owl]",
+    "allocation.rules=[mdl,uniform,mola-2468]", "pruning.rules=[mdl:obd-linear,mdl,uniform,owl]",
     "allocation.budget=60", "pruning.damage_levels=[0.3,0.5,0.7]",
     "pruning.save_checkpoints=false",  # the tiny end-to-end test covers saved checkpoints
     "evaluation.ppl_tokens=1024", "evaluation.tasks=[ARC-Easy]", "evaluation.limit=6",
@@ -38,22 +38,24 @@ def test_default_job_on_smollm2(shared_data, tmp_path):
     for rule in config.allocation.rules:
         n = np.array([layer["n"] for layer in load(f"allocation/{rule}.json")["layers"]])
         assert n.sum() == 60 and n.min() >= 1, rule
-    prunable = np.array([b["prunable"] for b in model["blocks"]], dtype=float)
-    for rule in config.pruning.rules:
-        rho = np.array([layer["ratio"] for layer in load(f"ratios/{rule.replace(':', '-')}.json")["layers"]])
-        assert abs(rho @ prunable / prunable.sum() - 0.5) < 1e-6, rule
-    for rule in ("mdl", "mdl-obd"):
-        mdl = np.array([layer["ratio"] for layer in load(f"ratios/{rule}.json")["layers"]])
-        assert mdl.std() > 1e-3, rule  # real scores / damage differ across blocks, so MDL ratios are not uniform
+    from layercap.programs.records import PruningRatios
 
-    # the default job prunes with mdl:obd and uniform
-    dense, pruned = load("eval/dense.json"), {r: load(f"eval/{r}.json") for r in ("mdl-obd", "uniform")}
+    for rule in config.pruning.rules:  # per block, or per Linear (mdl:obd-linear): weighted by the layers' weights
+        r = PruningRatios.load(run_dir / f"ratios/{rule.replace(':', '-')}.json")
+        assert abs(r.rho @ r.params / r.params.sum() - 0.5) < 1e-6, rule
+    for rule in ("mdl", "mdl-obd-linear"):
+        mdl = PruningRatios.load(run_dir / f"ratios/{rule}.json").rho
+        assert mdl.std() > 1e-3, rule  # real scores / damage differ across blocks, so MDL ratios are not uniform
+    assert len(PruningRatios.load(run_dir / "ratios/mdl-obd-linear.json").names) == 7 * 30
+
+    # the default job prunes with mdl:obd-linear and uniform
+    dense, pruned = load("eval/dense.json"), {r: load(f"eval/{r}.json") for r in ("mdl-obd-linear", "uniform")}
     ppl = dense["perplexity"]["wiki.test.raw"]
     assert 10 < ppl < 80  # data README: about 30 on 2048 tokens
     for rule, ev in pruned.items():
         assert ev["perplexity"]["wiki.test.raw"] > ppl, rule  # 50% pruning hurts
         assert abs(load(f"pruned/{rule}.json")["sparsity"] - 0.5) < 0.005
-    assert not (run_dir / "pruned/mdl-obd").exists()  # save_checkpoints false
+    assert not (run_dir / "pruned/mdl-obd-linear").exists()  # save_checkpoints false
     md = (run_dir / "report.md").read_text()
-    assert f"{ppl:.2f}" in md and "| mdl:obd |" in md and "report_files/ratios.png" in md
-    assert "report_files/damage-obd.png" in md and "**Best rule: `" in md
+    assert f"{ppl:.2f}" in md and "| mdl:obd-linear |" in md and "report_files/ratios.png" in md
+    assert "report_files/damage-obd-linear.png" in md and "**Best rule: `" in md

@@ -172,9 +172,9 @@ class PruningConfig:
                      "`mdl:damage`: the convex program on second-order / measured damage curves; `mdl:context`: on curves measured "
                      "with every other block pruned at the target; `-linear`: a ratio per Linear from tables with a row per "
                      "Linear)", kind="list",
-                     choices=RATIO_RULES, default_factory=lambda: ["mdl:obd", "mdl", "uniform", "owl", "alphapruning"])
+                     choices=RATIO_RULES, default_factory=lambda: ["mdl:obd-linear", "mdl", "uniform", "owl", "alphapruning"])
     apply: list = _f("ratio rules actually pruned and evaluated (subset of `rules`)", kind="list", choices=RATIO_RULES,
-                     default_factory=lambda: ["mdl:obd", "uniform"])
+                     default_factory=lambda: ["mdl:obd-linear", "uniform"])
     sparsity: float = _f("global fraction of prunable weights removed", kind="float", lo=0.0, hi=1.0, default=0.5)
     mode: str = _f("MDL program: `exact` (meet the target) or `at-least` (the paper's literal program)",
                    choices=("exact", "at-least"), default="exact")

@@ -99,7 +99,7 @@ def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunD
         run.evals[variant] = _json(run_dir / "eval" / f"{rule_file(variant)}.json")
     from layercap.programs.damage import DamageTable
 
-    for kind in ("obd", "damage"):
+    for kind in ("obd", "damage", "obd-linear", "damage-linear"):
         if f"mdl:{kind}" in config["pruning"]["rules"]:
             run.damage[kind] = DamageTable.load(run_dir / "damage" / f"{kind}.json")
     if "mdl:measured" in config["allocation"]["rules"]:
@@ -248,9 +248,9 @@ def report_blocks(run: RunData, title: str) -> list:
             what = ("second-order (OBD, diagonal Fisher) estimate of the KL" if source == "obd-diag"
                     else "KL to the dense model, measured")
             blocks.append(Figure(f"damage-{kind}", plot_heatmap(table.values(source), table.blocks, table.levels,
-                                                                f"Damage of pruning one block alone ({table.method})",
+                                                                f"Damage of pruning one {'Linear' if kind.endswith('-linear') else 'block'} alone ({table.method})",
                                                                 "nats / token"),
-                                 caption=f"`mdl:{kind}` reads these curves: {what} when only that block is pruned at "
+                                 caption=f"`mdl:{kind}` reads these curves: {what} when only that block (or Linear) is pruned at "
                                          "each ratio (the rest dense); the program spreads the sparsity where it costs least."))
 
     # per-layer table

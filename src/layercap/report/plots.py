@@ -118,14 +118,14 @@ def plot_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], t
 
     m = np.asarray(matrix, dtype=np.float64)
     positive = m[np.isfinite(m) & (m > 0)]
-    fig, ax = _figure(width=6.5, height=max(3.0, 0.16 * len(row_labels) + 1.2))
+    fig, ax = _figure(width=6.5, height=min(10.0, max(3.0, 0.16 * len(row_labels) + 1.2)))  # per-Linear tables: 200+ rows
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
     image = ax.imshow(np.where(m > 0, m, np.nan), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
     ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
     step = max(1, len(row_labels) // 15)
     ax.set_yticks(range(0, len(row_labels), step), [str(r) for r in row_labels][::step], fontsize=7)
     ax.set_xlabel("pruning ratio of the block alone")
-    ax.set_ylabel("block")
+    ax.set_ylabel("block" if len(row_labels) <= 64 else "Linear")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=colorbar)
     return _png(fig)
