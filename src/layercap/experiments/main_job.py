@@ -341,10 +341,8 @@ def stage_ratios(ctx: RunContext, rule: str) -> list[str]:
     if spec.source in LINEAR_SOURCES:  # a ratio per Linear: the table's rows are the model's Linears
         from layercap.apply.prune.damage import prunable_units
 
-        model, _ = load_run_model(ctx, with_tokenizer=False)
-        units = prunable_units(find_run_blocks(ctx, model), "linear")
+        units = prunable_units(find_run_blocks(ctx, dense_model(ctx)[0]), "linear")  # read only: no copy
         names, params = [u.name for u in units], [u.params for u in units]
-        del model
     if spec.source in DAMAGE_SOURCES + LINEAR_SOURCES:
         from layercap.programs.damage import load_for, ratios_from_damage
 
@@ -392,7 +390,6 @@ def stage_damage(ctx: RunContext, kind: str) -> list[str]:
     is pruned (``damage``), the free second-order (OBD, diagonal Fisher) estimate (``obd``), or the
     KL increase measured with every other block pruned uniformly at ``pruning.sparsity`` (``context``)."""
     from layercap.apply.prune.damage import damage_table
-    from layercap.programs.rules import table_units
 
     p = ctx.config.pruning
     model, _ = load_run_model(ctx, with_tokenizer=False)
@@ -402,10 +399,9 @@ def stage_damage(ctx: RunContext, kind: str) -> list[str]:
     if kind == "context":
         blocks = read_json(ctx.path("model.json"))["blocks"]
         context = {b["name"]: float(p.sparsity) for b in blocks}
-    base, units = table_units(kind)
-    table = damage_table(model, load_calibration(ctx), base, p.damage_levels, p.method, structure=p.structure,
+    table = damage_table(model, load_calibration(ctx), kind, p.damage_levels, p.method, structure=p.structure,
                          batch_size=ctx.config.scoring.batch_size, checkpoint=str(ctx.path(rel)) + ".partial",
-                         model_id=ctx.config.model.spec, context=context, units=units)
+                         model_id=ctx.config.model.spec, context=context)
     table.save(ctx.path(rel))
     return [rel]
 
@@ -453,11 +449,9 @@ def stage_prune(ctx: RunContext, rule: str) -> list[str]:
     from layercap.apply.prune import calibration_fidelity
 
     model, tokenizer, report_doc, ratios = _prune_in_memory(ctx, rule)
-    dense, _ = load_run_model(ctx, with_tokenizer=False)
     # the pruned model's KL to the dense one on the calibration windows: how the report picks a rule
-    # without evaluation data
-    fidelity = calibration_fidelity(dense, model, load_calibration(ctx), batch_size=ctx.config.scoring.batch_size)
-    del dense
+    # without evaluation data (the cached dense model is only read)
+    fidelity = calibration_fidelity(dense_model(ctx)[0], model, load_calibration(ctx), batch_size=ctx.config.scoring.batch_size)
     layers = measured_sparsity(ctx, model)
     for layer, target in zip(layers, ratios.block_rho([l["name"] for l in layers])):  # per-Linear rules: weighted mean
         layer["target"] = float(target)

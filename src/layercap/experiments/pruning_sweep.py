@@ -286,9 +286,8 @@ def _damage(sw: _Sweep, kind: str, method: str, sparsity: float | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     partial = path.with_name(path.name + ".partial")
-    base, units = table_units(kind)
-    table = damage_table(sw.model, calib, base, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
-                         checkpoint=partial, model_id=str(o.model), context=context, context_calib=sw.calib, units=units)
+    table = damage_table(sw.model, calib, kind, o.damage_levels, method, batch_size=o.batch_size, progress=o.progress,
+                         checkpoint=partial, model_id=str(o.model), context=context, context_calib=sw.calib)
     table.save(path)
     partial.unlink(missing_ok=True)  # the finished table replaces it
     sw.log(f"{kind}:{method}: {time.perf_counter() - t0:.1f} s")

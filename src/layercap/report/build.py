@@ -99,7 +99,9 @@ def collect(run_dir: str | Path, versions: dict[str, str] | None = None) -> RunD
         run.evals[variant] = _json(run_dir / "eval" / f"{rule_file(variant)}.json")
     from layercap.programs.damage import DamageTable
 
-    for kind in ("obd", "damage", "obd-linear", "damage-linear"):
+    from layercap.programs.rules import LINEAR_SOURCES
+
+    for kind in ("obd", "damage") + LINEAR_SOURCES:
         if f"mdl:{kind}" in config["pruning"]["rules"]:
             run.damage[kind] = DamageTable.load(run_dir / "damage" / f"{kind}.json")
     if "mdl:measured" in config["allocation"]["rules"]:
@@ -228,22 +230,21 @@ def report_blocks(run: RunData, title: str) -> list:
                                          f"is adapted with {u.settings.get('steps')} Adam steps at each number of units "
                                          "(calibration windows, half adapted on, half measured)."))
 
-    # pruning ratios
+    # pruning ratios, per block (a per-Linear rule's as the weighted mean of each block's Linears)
+    per_block = {r: p.block_rho([b["name"] for b in run.model["blocks"]]) for r, p in run.ratios.items()}
     if run.ratios:
         p_cfg = cfg["pruning"]
         blocks.append(Heading("Pruning ratios"))
         measured = {r: np.array([l["sparsity"] for l in d["layers"]]) for r, d in run.pruned.items()}
-        names = [b["name"] for b in run.model["blocks"]]
-        per_block = {r: p.block_rho(names) for r, p in run.ratios.items()}  # per-Linear rules: weighted mean per block
         blocks.append(Figure("ratios", plot_bars(per_block, "ratio rho_k",
                                                  f"Per-block pruning ratios at {p_cfg['sparsity']:.0%} sparsity", markers=measured),
                              caption="Target ratio per block by rule; black ticks: sparsity measured in the pruned model."))
         rows = [[rule, f"{p.achieved:.4f}", f"{p.rho.min():.3f}", f"{p.rho.max():.3f}", str(p.clipped),
                  "; ".join(p.warnings) or "-"] for rule, p in run.ratios.items()]
         blocks.append(Table(["rule", "achieved", "min", "max", "clipped", "warnings"], rows))
-        for kind, table in run.damage.items():
-            from layercap.programs.rules import DAMAGE_COLUMNS
+        from layercap.programs.rules import DAMAGE_COLUMNS
 
+        for kind, table in run.damage.items():
             source = DAMAGE_COLUMNS[kind]
             what = ("second-order (OBD, diagonal Fisher) estimate of the KL" if source == "obd-diag"
                     else "KL to the dense model, measured")
@@ -260,7 +261,7 @@ def report_blocks(run: RunData, title: str) -> list:
     rows = []
     for i, b in enumerate(run.model["blocks"]):
         row = [b["name"], f"{b['params']:,}"] + [f"{s.q[i]:.4f}" for s in run.scores.values()]
-        row += [f"{a.n[i]:g}" for a in run.allocations.values()] + [f"{p.block_rho([b['name']])[0]:.3f}" for p in run.ratios.values()]
+        row += [f"{a.n[i]:g}" for a in run.allocations.values()] + [f"{rho[i]:.3f}" for rho in per_block.values()]
         rows.append(row)
     blocks.append(Details(f"Per-block table ({k} blocks; decision scores: {dec})", [Table(headers, rows)]))
 

@@ -508,17 +508,17 @@ def damage_curves(
 def damage_table(model: nn.Module, calib: CalibrationSet, kind: str, levels: Sequence[float] = DEFAULT_LEVELS,
                  method: str = "wanda", *, structure: str = "unstructured", batch_size: int = 4,
                  checkpoint: str | Path | None = None, progress: bool = True, model_id: str | None = None,
-                 context: Mapping[str, float] | None = None, context_calib: CalibrationSet | None = None,
-                 units: str = "block") -> DamageTable:
+                 context: Mapping[str, float] | None = None, context_calib: CalibrationSet | None = None) -> DamageTable:
     """The table a damage rule reads: ``damage`` = the KL measured when each block alone is pruned
     (resumable from ``checkpoint``), ``obd`` = its free second-order estimate only (diagonal Fisher,
     no pruned forward passes), ``context`` = the measured KL increase at the operating point
-    ``context`` (block -> ratio, pruned on ``context_calib``; resumable). ``units="linear"``: a
-    row per Linear instead of per block (``damage`` and ``obd``). The model is unchanged."""
-    from layercap.programs.rules import DAMAGE_SOURCES
+    ``context`` (block -> ratio, pruned on ``context_calib``; resumable); ``damage-linear`` /
+    ``obd-linear``: the same with a row per Linear instead of per block. The model is unchanged."""
+    from layercap.programs.rules import DAMAGE_SOURCES, LINEAR_SOURCES, table_units
 
-    if kind not in DAMAGE_SOURCES:
-        raise LayercapError(f"damage kind {kind!r} is unknown; use one of {', '.join(DAMAGE_SOURCES)}.")
+    if kind not in DAMAGE_SOURCES + LINEAR_SOURCES:
+        raise LayercapError(f"damage kind {kind!r} is unknown; use one of {', '.join(DAMAGE_SOURCES + LINEAR_SOURCES)}.")
+    kind, units = table_units(kind)
     if (kind == "context") != (context is not None):
         raise LayercapError("damage kind 'context' needs the operating point's ratios (context=...), and only it does.")
     if kind == "obd":
