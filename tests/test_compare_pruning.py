@@ -403,3 +403,36 @@ def test_per_linear_rules_on_the_same_budget(setup):
         assert c.achieved == pytest.approx(0.6, abs=0.01) and c.calibration_kl > 0
     with pytest.raises(LayercapError, match="'obd-linear\\+refine' is not available"):
         PruningSweepOptions(str(tmp / "m"), ["mdl:obd-linear+refine"], ["wanda"], [0.6], **opts)
+
+
+# ---- the OBD-form check (benchmarks/obd_agreement.py) ---------------------------------------------
+def test_obd_agreement_benchmark_reproduces_the_sweeps_obd_table(setup, capsys):
+    """The benchmark's diagonal-Fisher row equals the Spearman of the sweep's own OBD table against its
+    measured table (same windows, same masks); it refuses a table measured on other windows."""
+    import importlib.util
+    from pathlib import Path
+
+    from layercap.programs.damage import DamageTable, spearman
+
+    tmp, kw = setup
+    opts = {k: v for k, v in kw.items() if k != "log"}
+    out = tmp / "agree"
+    run_pruning_sweep(PruningSweepOptions(str(tmp / "m"), ["mdl:damage", "mdl:obd"], ["wanda"], [0.5],
+                                          damage_levels=[0.25, 0.5, 0.75], damage_nsamples=3, **opts), out)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "obd_agreement.py"
+    spec = importlib.util.spec_from_file_location("obd_agreement", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    capsys.readouterr()
+    assert bench.main([str(out), "--method", "wanda"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["diag"], ["kfac"])}
+    measured = DamageTable.load(out / "damage" / "wanda.json")
+    obd = DamageTable.load(out / "damage" / "obd-wanda.json")
+    expected = [spearman([r[j] for r in obd.obd["diag"]], [r[j] for r in measured.kl]) for j in range(3)]
+    assert rows["diag"] == ["-" if e is None else f"{e:+.2f}" for e in expected]
+    assert len(rows["kfac"]) == 3 and all(v == "-" or -1.0 <= float(v) <= 1.0 for v in rows["kfac"])
+    doc = json.loads((out / "damage" / "wanda.json").read_text())
+    doc["calibration"]["sha256"] = "0" * 64
+    (out / "damage" / "wanda.json").write_text(json.dumps(doc))
+    with pytest.raises(LayercapError, match="other calibration windows"):
+        bench.main([str(out), "--method", "wanda"])
