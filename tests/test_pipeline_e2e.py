@@ -345,23 +345,26 @@ def test_measured_utility_allocation_in_the_main_job(data_root, tmp_path):
         _config(data_root, "allocation.utility_levels=[2,1]")
 
 
-def test_per_linear_pruning_rule_in_the_main_job(data_root, tmp_path):
-    """mdl:obd-linear in the main job: a ratio per Linear on the same budget, pruned module by module;
-    the report shows it per block (the weighted mean of the block's Linears)."""
+@pytest.mark.parametrize("rule", ["mdl:obd-linear", "mdl:damage-linear"])
+def test_per_linear_pruning_rule_in_the_main_job(data_root, tmp_path, rule):
+    """mdl:obd-linear (the default) and mdl:damage-linear (measured, what the README says to switch to)
+    in the main job: a ratio per Linear on the same budget, pruned module by module; the report shows
+    it per block (the weighted mean of the block's Linears)."""
     few = ["scoring.methods=[diag]", "allocation.rules=[uniform]", "allocation.scores=diag", "pruning.scores=diag",
-           "pruning.rules=[mdl:obd-linear,uniform]", "pruning.apply=[mdl:obd-linear]", "evaluation.tasks=[]",
+           f"pruning.rules=[{rule},uniform]", f"pruning.apply=[{rule}]", "evaluation.tasks=[]",
            "report.html=false", "pruning.save_checkpoints=false", "pruning.sparsity=0.6"]
     run_dir = tmp_path / "run"
     summary = run_pipeline(_config(data_root, *few), run_dir)
-    assert {"damage:obd-linear", "ratios:mdl:obd-linear", "prune:mdl:obd-linear"} <= set(summary.ran)
+    kind, file = rule.split(":")[1], rule.replace(":", "-")
+    assert {f"damage:{kind}", f"ratios:{rule}", f"prune:{rule}"} <= set(summary.ran)
     from layercap.programs.records import PruningRatios
 
-    ratios = PruningRatios.load(run_dir / "ratios/mdl-obd-linear.json")
+    ratios = PruningRatios.load(run_dir / f"ratios/{file}.json")
     blocks = _json(run_dir / "model.json")["blocks"]
     assert len(ratios.names) == sum(b["linears"] for b in blocks) and ratios.names[0].startswith(blocks[0]["name"] + ".")
     assert abs(float(ratios.rho @ ratios.params / ratios.params.sum()) - 0.6) < 1e-6 and ratios.rho.std() > 1e-3
-    pruned = _json(run_dir / "pruned/mdl-obd-linear.json")
+    pruned = _json(run_dir / f"pruned/{file}.json")
     per_block = ratios.block_rho([b["name"] for b in blocks])
     for layer, want in zip(pruned["layers"], per_block):  # what the pruner did, block by block
         assert layer["target"] == pytest.approx(want) and layer["sparsity"] == pytest.approx(want, abs=0.02)
-    assert "mdl:obd-linear rho" in (run_dir / "report.md").read_text()
+    assert f"{rule} rho" in (run_dir / "report.md").read_text()
