@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from layercap.apply.prune import calibration_fidelity, prune_model
-    from layercap.data.calibration import CalibrationSet, calibration_set
+    from layercap.data.calibration import calibration_set
     from layercap.models import load_model
 
     st = json.loads((args.run_dir / "run.json").read_text())["settings"]
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     calib = calibration_set(tok, st["data"], nsamples=st["nsamples"], seqlen=st["seqlen"], seed=st["seed"], model=model,
                             start_token=st["start_token"])
     n = args.windows
-    calib = CalibrationSet(calib.input_ids[:n], calib.sha256 + f"[:{n}]", calib.source, calib.seed, calib.bos)
+    calib = calib.first(n)
 
     for rule in args.rules:
         cell = json.loads((args.run_dir / "cells" / f"{rule}_{args.method}_s{args.sparsity:.2f}.json").read_text())

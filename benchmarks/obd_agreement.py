@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     import torch
 
     from layercap.apply.prune.damage import curvature_stats, damage_curves
-    from layercap.data.calibration import CalibrationSet, calibration_set
+    from layercap.data.calibration import calibration_set
     from layercap.errors import LayercapError
     from layercap.models import load_model
     from layercap.programs.damage import DamageTable, spearman
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     calib = calibration_set(tok, st["data"], nsamples=st["nsamples"], seqlen=st["seqlen"], seed=st["seed"], model=model,
                             start_token=st["start_token"])
     n = int(measured.calibration["nsamples"])
-    calib = CalibrationSet(calib.input_ids[:n], calib.sha256 + f"[:{n}]", calib.source, calib.seed, calib.bos)
+    calib = calib.first(n)
     if calib.sha256 != measured.calibration["sha256"]:
         raise LayercapError(f"{path}: measured on other calibration windows than {args.run_dir}/run.json describes.")
 

@@ -58,6 +58,11 @@ class CalibrationSet:
         """Windows ``rank::world_size`` (data parallelism: every window goes to exactly one rank)."""
         return CalibrationSet(self.input_ids[rank::world_size], self.sha256, self.source, self.seed, self.bos)
 
+    def first(self, n: int) -> "CalibrationSet":
+        """The first ``n`` windows as a set of their own; its hash is this set's with ``[:n]`` appended,
+        so a table measured on them names exactly which windows it read."""
+        return CalibrationSet(self.input_ids[:n], self.sha256 + f"[:{n}]", self.source, self.seed, self.bos)
+
     @classmethod
     def of_windows(cls, input_ids: torch.Tensor, source: str, seed: int = 0, bos: BosChoice = NO_BOS) -> "CalibrationSet":
         """A set holding exactly ``input_ids``, its hash computed from them and the BOS choice."""

@@ -247,11 +247,7 @@ def _damage_rel(kind: str, method: str, sparsity: float | None = None) -> str:
 
 def _first_windows(calib, n: int | None):
     """The first ``n`` windows of ``calib`` (all of them when None), as a CalibrationSet of its own."""
-    from layercap.data.calibration import CalibrationSet
-
-    if n is None:
-        return calib
-    return CalibrationSet(calib.input_ids[:n], calib.sha256 + f"[:{n}]", calib.source, calib.seed, calib.bos)
+    return calib if n is None else calib.first(n)
 
 
 def _measure_calib(sw: _Sweep):
